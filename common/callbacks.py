@@ -1,0 +1,111 @@
+"""Keras callbacks shared by every training script.
+
+* ``SimpleLogCallback`` prints one compact line per logged epoch, e.g.::
+
+      Epoch  1/20  loss 1.2345  acc 0.5120  val acc 0.6010  (3.2 s)
+
+  It logs the first epoch, the last epoch and every ``log_frequency``-th
+  epoch, numbering epochs from 1 as a reader counts them.
+* ``FigureCallback`` saves a figure (usually predictions on a fixed batch)
+  every ``every`` epochs, so progress can be watched as pictures.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="common")
+class SimpleLogCallback(keras.callbacks.Callback):
+    """One line per logged epoch with the metrics you choose.
+
+    Args:
+      metrics_dict: maps the name to print to the key in Keras' ``logs``,
+        e.g. ``{"loss": "loss", "acc": "accuracy", "val acc": "val_accuracy"}``.
+        Keys missing from the logs of an epoch are skipped.
+      num_epochs: total number of epochs of the run (for "Epoch 3/20").
+      log_frequency: print every this many epochs; the first and the last
+        epoch are always printed.
+      print_fn: where lines go (``print`` by default; tests capture it).
+    """
+
+    def __init__(self, metrics_dict: dict, num_epochs: int, log_frequency: int = 1,
+                 print_fn=print):
+        super().__init__()
+        if not isinstance(metrics_dict, dict) or not metrics_dict:
+            raise ValueError(f"metrics_dict must be a non-empty dict of name -> logs key, got {metrics_dict!r}")
+        if int(num_epochs) < 1:
+            raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+        if int(log_frequency) < 1:
+            raise ValueError(f"log_frequency must be >= 1, got {log_frequency}")
+        self.metrics_dict = dict(metrics_dict)
+        self.num_epochs = int(num_epochs)
+        self.log_frequency = int(log_frequency)
+        self.print_fn = print_fn
+        self._epoch_start = None
+
+    def should_log(self, epoch_number: int) -> bool:
+        """Whether 1-based ``epoch_number`` is printed."""
+        return (epoch_number == 1 or epoch_number == self.num_epochs
+                or epoch_number % self.log_frequency == 0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+
+    def format_line(self, epoch_number: int, logs: dict, seconds: float | None = None) -> str:
+        width = len(str(self.num_epochs))
+        parts = [f"Epoch {epoch_number:>{width}}/{self.num_epochs}"]
+        for name, key in self.metrics_dict.items():
+            if key in logs:
+                parts.append(f"{name} {float(logs[key]):.4f}")
+        if seconds is not None:
+            parts.append(f"({seconds:.1f} s)")
+        return "  ".join(parts)
+
+    def on_epoch_end(self, epoch, logs=None):
+        epoch_number = epoch + 1  # Keras counts from 0, readers from 1
+        if self.should_log(epoch_number):
+            seconds = None if self._epoch_start is None else time.perf_counter() - self._epoch_start
+            self.print_fn(self.format_line(epoch_number, logs or {}, seconds))
+
+    def get_config(self):
+        return {"metrics_dict": self.metrics_dict, "num_epochs": self.num_epochs,
+                "log_frequency": self.log_frequency}
+
+
+class FigureCallback(keras.callbacks.Callback):
+    """Save ``draw_fn(model, epoch_number)`` as ``<out_dir>/<prefix>_epoch_NNN.png``.
+
+    ``draw_fn`` returns a matplotlib Figure (usually predictions on a fixed
+    batch drawn with ``common.viz``). Runs every ``every`` epochs and after the
+    last epoch; the figure is closed after saving so memory stays flat.
+    """
+
+    def __init__(self, draw_fn, out_dir, every: int = 1, prefix: str = "predictions",
+                 num_epochs: int | None = None):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.draw_fn = draw_fn
+        self.out_dir = Path(out_dir)
+        self.every = int(every)
+        self.prefix = prefix
+        self.num_epochs = num_epochs
+        self.saved_paths: list[Path] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        epoch_number = epoch + 1
+        last = self.num_epochs is not None and epoch_number == self.num_epochs
+        if epoch_number % self.every and not last:
+            return
+        import matplotlib.pyplot as plt
+
+        figure = self.draw_fn(self.model, epoch_number)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{self.prefix}_epoch_{epoch_number:03d}.png"
+        figure.savefig(path, dpi=80, bbox_inches="tight")
+        plt.close(figure)
+        self.saved_paths.append(path)

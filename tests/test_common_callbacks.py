@@ -1,0 +1,68 @@
+"""common.callbacks: SimpleLogCallback's numbering and FigureCallback's files."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from common.callbacks import FigureCallback, SimpleLogCallback
+
+
+def tiny_fit(callbacks, epochs):
+    keras.utils.set_random_seed(0)
+    x = np.random.rand(32, 4).astype("float32")
+    y = (x.sum(axis=1) > 2).astype("int32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model.fit(x, y, validation_data=(x, y), epochs=epochs, batch_size=16, verbose=0,
+                     callbacks=callbacks)
+
+
+def test_logs_first_last_and_every_nth_epoch_with_the_logged_values():
+    lines = []
+    callback = SimpleLogCallback({"loss": "loss", "val acc": "val_accuracy"}, num_epochs=7,
+                                 log_frequency=3, print_fn=lines.append)
+    history = tiny_fit([callback], epochs=7)
+    numbers = [int(re.match(r"Epoch\s+(\d+)/7", line).group(1)) for line in lines]
+    assert numbers == [1, 3, 6, 7]
+    for number, line in zip(numbers, lines):
+        loss = float(re.search(r"loss (\d+\.\d+)", line).group(1))
+        val_acc = float(re.search(r"val acc (\d+\.\d+)", line).group(1))
+        assert loss == pytest.approx(history.history["loss"][number - 1], abs=1e-4)
+        assert val_acc == pytest.approx(history.history["val_accuracy"][number - 1], abs=1e-4)
+
+
+def test_prints_to_stdout_by_default(capsys):
+    tiny_fit([SimpleLogCallback({"loss": "loss"}, num_epochs=2)], epochs=2)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[1] for line in out] == ["1/2", "2/2"]
+
+
+def test_missing_keys_are_skipped_and_config_round_trips():
+    callback = SimpleLogCallback({"loss": "loss", "iou": "mean_iou"}, num_epochs=10, log_frequency=5)
+    assert "iou" not in callback.format_line(1, {"loss": 0.5})
+    clone = SimpleLogCallback(**callback.get_config())
+    assert clone.get_config() == callback.get_config()
+
+
+@pytest.mark.parametrize("kwargs", [{"metrics_dict": {}, "num_epochs": 3},
+                                    {"metrics_dict": {"a": "a"}, "num_epochs": 0},
+                                    {"metrics_dict": {"a": "a"}, "num_epochs": 3, "log_frequency": 0}])
+def test_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        SimpleLogCallback(**kwargs)
+
+
+def test_figure_callback_saves_every_n_epochs_and_the_last(tmp_path):
+    import matplotlib.pyplot as plt
+
+    def draw(model, epoch):
+        figure, ax = plt.subplots()
+        ax.set_title(f"epoch {epoch}")
+        return figure
+
+    callback = FigureCallback(draw, tmp_path, every=2, num_epochs=5)
+    tiny_fit([callback], epochs=5)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "predictions_epoch_002.png", "predictions_epoch_004.png", "predictions_epoch_005.png"]
