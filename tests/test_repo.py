@@ -1,0 +1,44 @@
+"""The repo's promises to a new user: quick start, pinned requirements, CI entry."""
+
+import re
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_opens_with_the_two_commands():
+    text = (REPO_ROOT / "README.md").read_text()
+    first_block = re.search(r"```(?:bash|sh)?\n(.*?)```", text, re.S).group(1)
+    commands = [line.strip() for line in first_block.splitlines() if line.strip() and not line.startswith("#")]
+    assert commands == ["make demo", "make test"]
+    assert "pip install -r requirements.txt" in text and "python -m pytest" in text
+
+
+def test_requirements_are_pinned_and_explained():
+    lines = [l for l in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+             if l.strip() and not l.startswith("#")]
+    assert lines[-1].split("#")[0].strip() == "-e ."
+    for line in lines[:-1]:
+        spec, _, comment = line.partition("#")
+        assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][^\s]*", spec.strip()), line
+        assert comment.strip(), f"say why: {line}"
+    names = {l.split("==")[0].strip().lower() for l in lines[:-1]}
+    for needed in ["tensorflow", "keras", "tensorflow-datasets", "numpy", "matplotlib",
+                   "opencv-contrib-python-headless", "pycocotools", "scikit-learn", "pytest"]:
+        assert needed in names
+
+
+def test_ci_runs_make_test():
+    script = (REPO_ROOT / ".ci" / "run").read_text()
+    assert "make test" in script
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert "pytest" in makefile and "requirements.txt" in makefile
+
+
+def test_packages_import_from_anywhere(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import common, ch04_classification, ch05_detection, ch06_segmentation; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
