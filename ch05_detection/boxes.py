@@ -1,0 +1,466 @@
+"""Box operations for object detection: formats, IoU, encoding, matching and NMS.
+
+Every detector in this chapter is built from the same handful of box operations.
+This module collects them, each written as plain TensorFlow ops that work eagerly,
+inside ``tf.function`` and inside Keras layers:
+
+* format conversion: normalized ``[ymin, xmin, ymax, xmax]`` (the repo's contract,
+  and the order ``tf.image`` uses) <-> absolute pixels <-> COCO ``[x, y, width, height]``;
+* ``box_area`` and ``pairwise_iou`` (intersection over union, the overlap measure of
+  every matching rule and of the evaluation);
+* ``encode_boxes`` / ``decode_boxes``: the box parametrisation of R-CNN (Girshick et
+  al. 2014, appendix C), Fast R-CNN (Girshick 2015, sec. 2.3) and Faster R-CNN (Ren et
+  al. 2015, eq. 2), with the usual scale weights and a clamped log-scale so a bad
+  prediction never produces ``inf`` or ``NaN``;
+* ``clip_boxes`` and ``box_size_mask`` (the proposal layer's clean-up);
+* ``match_boxes``: label anchors positive / negative / ignored from their IoU with
+  the ground truth (Ren et al. 2015, sec. 3.1.2);
+* non-maximum suppression twice: ``nms_reference``, a readable greedy loop in NumPy
+  (the lesson), and ``nms``, the fast ``tf.image.non_max_suppression`` path used in the
+  models. ``tests/test_ch05_boxes.py`` checks they keep the same boxes, and
+  ``bench/bench_nms.py`` times them.
+
+Conventions. Boxes are ``[..., 4]`` in ``[ymin, xmin, ymax, xmax]`` order unless a
+function says otherwise. Widths and heights are ``xmax - xmin`` and ``ymax - ymin``
+(no "+1 pixel", the modern COCO convention), so every function works the same on
+normalized and on absolute coordinates. A box with ``ymax <= ymin`` or
+``xmax <= xmin`` is *degenerate*: its area is 0 and its IoU with anything is 0.
+
+Try it (prints 1/7: the squares share a 1x1 corner out of a union of 7)::
+
+  python -c "from ch05_detection import boxes; print(boxes.pairwise_iou([[0,0,2,2]], [[1,1,3,3]]))"
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+# Scale weights of the box encoding: the regression targets are multiplied by
+# these so that they have roughly unit variance (Detectron / torchvision default for
+# Faster R-CNN; Keras expresses the same thing as "variance" = 1 / weight).
+DEFAULT_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+# Largest log-scale a decoded box may use: a box at most 1000/16 ~ 62 times its anchor
+# (the same clamp as Detectron and torchvision).
+DEFAULT_MAX_LOG_SCALE = math.log(1000.0 / 16.0)
+# Keeps divisions and logarithms finite for zero-size boxes and anchors.
+EPSILON = 1e-8
+
+
+# ----------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------
+def _as_boxes(boxes, name="boxes"):
+    """Convert to a float tensor and check that the last dimension is 4."""
+    tensor = tf.convert_to_tensor(boxes)
+    if not tensor.dtype.is_floating:
+        tensor = tf.cast(tensor, tf.float32)
+    if tensor.shape.rank is not None:
+        if tensor.shape.rank == 0 or (tensor.shape[-1] is not None and tensor.shape[-1] != 4):
+            raise ValueError(
+                f"`{name}` must have shape [..., 4] (ymin, xmin, ymax, xmax), "
+                f"got shape {tensor.shape}"
+            )
+    return tensor
+
+
+def _unstack(boxes):
+    """Split ``[..., 4]`` into four ``[...]`` tensors."""
+    return tf.unstack(boxes, num=4, axis=-1)
+
+
+# ----------------------------------------------------------------------------------
+# formats
+# ----------------------------------------------------------------------------------
+def yxyx_to_xywh(boxes):
+    """``[ymin, xmin, ymax, xmax]`` -> COCO ``[x, y, width, height]`` (x, y = top-left).
+
+    Args:
+        boxes: ``[..., 4]`` yxyx boxes (normalized or absolute).
+    Returns:
+        ``[..., 4]`` xywh boxes in the same units.
+    """
+    boxes = _as_boxes(boxes)
+    ymin, xmin, ymax, xmax = _unstack(boxes)
+    return tf.stack([xmin, ymin, xmax - xmin, ymax - ymin], axis=-1)
+
+
+def xywh_to_yxyx(boxes):
+    """COCO ``[x, y, width, height]`` -> ``[ymin, xmin, ymax, xmax]``.
+
+    Args:
+        boxes: ``[..., 4]`` xywh boxes.
+    Returns:
+        ``[..., 4]`` yxyx boxes in the same units.
+    """
+    boxes = _as_boxes(boxes)
+    x, y, width, height = _unstack(boxes)
+    return tf.stack([y, x, y + height, x + width], axis=-1)
+
+
+def to_absolute(boxes, height, width):
+    """Normalized yxyx (fractions of the image) -> absolute pixel yxyx.
+
+    Args:
+        boxes: ``[..., 4]`` normalized yxyx boxes.
+        height, width: image size in pixels (Python numbers or scalar tensors).
+    Returns:
+        ``[..., 4]`` yxyx boxes in pixels.
+    """
+    boxes = _as_boxes(boxes)
+    height = tf.cast(height, boxes.dtype)
+    width = tf.cast(width, boxes.dtype)
+    return boxes * tf.stack([height, width, height, width])
+
+
+def to_normalized(boxes, height, width):
+    """Absolute pixel yxyx -> normalized yxyx (divide by the image size).
+
+    Args:
+        boxes: ``[..., 4]`` yxyx boxes in pixels.
+        height, width: image size in pixels (Python numbers or scalar tensors).
+    Returns:
+        ``[..., 4]`` normalized yxyx boxes.
+    """
+    boxes = _as_boxes(boxes)
+    height = tf.cast(height, boxes.dtype)
+    width = tf.cast(width, boxes.dtype)
+    return boxes / tf.stack([height, width, height, width])
+
+
+# ----------------------------------------------------------------------------------
+# area and IoU
+# ----------------------------------------------------------------------------------
+def box_area(boxes):
+    """Area of each box; degenerate boxes (max < min) have area 0.
+
+    Args:
+        boxes: ``[..., 4]`` yxyx boxes.
+    Returns:
+        ``[...]`` areas.
+    """
+    boxes = _as_boxes(boxes)
+    ymin, xmin, ymax, xmax = _unstack(boxes)
+    return tf.maximum(ymax - ymin, 0.0) * tf.maximum(xmax - xmin, 0.0)
+
+
+def pairwise_iou(boxes_a, boxes_b):
+    """Intersection over union of every box in ``boxes_a`` with every box in ``boxes_b``.
+
+    IoU = area(A ∩ B) / area(A ∪ B). Boxes of zero area give IoU 0 (never NaN).
+
+    Args:
+        boxes_a: ``[..., N, 4]`` yxyx boxes.
+        boxes_b: ``[..., M, 4]`` yxyx boxes; leading (batch) dimensions broadcast with
+            those of ``boxes_a``.
+    Returns:
+        ``[..., N, M]`` IoU matrix.
+    """
+    boxes_a = _as_boxes(boxes_a, "boxes_a")
+    boxes_b = tf.cast(_as_boxes(boxes_b, "boxes_b"), boxes_a.dtype)
+    if boxes_a.shape.rank is not None and boxes_a.shape.rank < 2:
+        raise ValueError(f"`boxes_a` must have shape [..., N, 4], got {boxes_a.shape}")
+    if boxes_b.shape.rank is not None and boxes_b.shape.rank < 2:
+        raise ValueError(f"`boxes_b` must have shape [..., M, 4], got {boxes_b.shape}")
+    a_ymin, a_xmin, a_ymax, a_xmax = _unstack(boxes_a[..., :, tf.newaxis, :])  # [..., N, 1]
+    b_ymin, b_xmin, b_ymax, b_xmax = _unstack(boxes_b[..., tf.newaxis, :, :])  # [..., 1, M]
+    # The intersection is itself a box: the largest min corner, the smallest max corner.
+    intersection_height = tf.maximum(tf.minimum(a_ymax, b_ymax) - tf.maximum(a_ymin, b_ymin), 0.0)
+    intersection_width = tf.maximum(tf.minimum(a_xmax, b_xmax) - tf.maximum(a_xmin, b_xmin), 0.0)
+    intersection = intersection_height * intersection_width  # [..., N, M]
+    area_a = box_area(boxes_a)[..., :, tf.newaxis]  # [..., N, 1]
+    area_b = box_area(boxes_b)[..., tf.newaxis, :]  # [..., 1, M]
+    union = area_a + area_b - intersection
+    # Two zero-area boxes have union 0: divide_no_nan turns 0/0 into 0.
+    return tf.math.divide_no_nan(intersection, union)
+
+
+# ----------------------------------------------------------------------------------
+# encoding and decoding (the box regression targets)
+# ----------------------------------------------------------------------------------
+def _centers_and_sizes(boxes):
+    """yxyx -> (center_y, center_x, height, width); sizes floored at EPSILON."""
+    ymin, xmin, ymax, xmax = _unstack(boxes)
+    height = tf.maximum(ymax - ymin, EPSILON)
+    width = tf.maximum(xmax - xmin, EPSILON)
+    return ymin + 0.5 * (ymax - ymin), xmin + 0.5 * (xmax - xmin), height, width
+
+
+def _check_weights(weights):
+    if weights is None:
+        return (1.0, 1.0, 1.0, 1.0)
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != 4 or any(w <= 0 for w in weights):
+        raise ValueError(
+            f"`weights` must be 4 positive numbers (wy, wx, wh, ww), got {weights}"
+        )
+    return weights
+
+
+def encode_boxes(boxes, anchors, weights=DEFAULT_BOX_WEIGHTS):
+    """Regression targets that move ``anchors`` onto ``boxes`` (Ren et al. 2015, eq. 2).
+
+    With anchor centre (ya, xa) and size (ha, wa) and box centre (y, x), size (h, w)::
+
+        ty = wy * (y - ya) / ha        tx = wx * (x - xa) / wa
+        th = wh * log(h / ha)          tw = ww * log(w / wa)
+
+    The weights (10, 10, 5, 5) scale the targets to roughly unit variance
+    (Fast R-CNN, sec. 2.3, normalises the targets the same way). Keras's
+    ``keras.utils.bounding_boxes.encode_box_to_deltas`` computes the same thing with
+    ``variance = 1 / weights``. Zero-size boxes or anchors are floored at ``EPSILON``
+    so the result stays finite.
+
+    Args:
+        boxes: ``[..., 4]`` yxyx target boxes.
+        anchors: ``[..., 4]`` yxyx anchors (or proposals), broadcastable to ``boxes``.
+        weights: 4 positive scale weights (wy, wx, wh, ww); ``None`` means all 1.
+    Returns:
+        ``[..., 4]`` deltas ``(ty, tx, th, tw)``.
+    """
+    weights = _check_weights(weights)
+    boxes = _as_boxes(boxes)
+    anchors = tf.cast(_as_boxes(anchors, "anchors"), boxes.dtype)
+    center_y, center_x, height, width = _centers_and_sizes(boxes)
+    anchor_y, anchor_x, anchor_height, anchor_width = _centers_and_sizes(anchors)
+    deltas = tf.stack(
+        [
+            weights[0] * (center_y - anchor_y) / anchor_height,
+            weights[1] * (center_x - anchor_x) / anchor_width,
+            weights[2] * tf.math.log(height / anchor_height),
+            weights[3] * tf.math.log(width / anchor_width),
+        ],
+        axis=-1,
+    )
+    return deltas
+
+
+def decode_boxes(deltas, anchors, weights=DEFAULT_BOX_WEIGHTS,
+                 max_log_scale=DEFAULT_MAX_LOG_SCALE):
+    """Apply predicted ``deltas`` to ``anchors``: the inverse of ``encode_boxes``.
+
+    ``h = ha * exp(th / wh)`` and ``w = wa * exp(tw / ww)``; the log-scales
+    ``th / wh`` and ``tw / ww`` are clamped at ``max_log_scale`` first, so an untrained
+    head predicting huge values gives a huge but finite box, never ``inf`` (whose
+    ``inf - inf`` would then give ``NaN``).
+
+    Args:
+        deltas: ``[..., 4]`` ``(ty, tx, th, tw)``.
+        anchors: ``[..., 4]`` yxyx anchors, broadcastable to ``deltas``.
+        weights: the same 4 weights used to encode.
+        max_log_scale: upper clamp on ``th / wh`` and ``tw / ww`` (default log(1000/16)).
+    Returns:
+        ``[..., 4]`` yxyx boxes in the anchors' units.
+    """
+    weights = _check_weights(weights)
+    deltas = _as_boxes(deltas, "deltas")
+    anchors = tf.cast(_as_boxes(anchors, "anchors"), deltas.dtype)
+    anchor_y, anchor_x, anchor_height, anchor_width = _centers_and_sizes(anchors)
+    ty, tx, th, tw = _unstack(deltas)
+    center_y = ty / weights[0] * anchor_height + anchor_y
+    center_x = tx / weights[1] * anchor_width + anchor_x
+    height = tf.exp(tf.minimum(th / weights[2], max_log_scale)) * anchor_height
+    width = tf.exp(tf.minimum(tw / weights[3], max_log_scale)) * anchor_width
+    return tf.stack(
+        [center_y - 0.5 * height, center_x - 0.5 * width,
+         center_y + 0.5 * height, center_x + 0.5 * width],
+        axis=-1,
+    )
+
+
+# ----------------------------------------------------------------------------------
+# clipping and filtering
+# ----------------------------------------------------------------------------------
+def clip_boxes(boxes, height=1.0, width=1.0):
+    """Clip boxes to the image ``[0, height] x [0, width]``.
+
+    Args:
+        boxes: ``[..., 4]`` yxyx boxes.
+        height, width: image size in the boxes' units (1.0 for normalized boxes).
+    Returns:
+        ``[..., 4]`` clipped boxes.
+    """
+    boxes = _as_boxes(boxes)
+    height = tf.cast(height, boxes.dtype)
+    width = tf.cast(width, boxes.dtype)
+    ymin, xmin, ymax, xmax = _unstack(boxes)
+    return tf.stack(
+        [tf.clip_by_value(ymin, 0.0, height), tf.clip_by_value(xmin, 0.0, width),
+         tf.clip_by_value(ymax, 0.0, height), tf.clip_by_value(xmax, 0.0, width)],
+        axis=-1,
+    )
+
+
+def box_size_mask(boxes, min_size):
+    """True for boxes at least ``min_size`` tall *and* wide (proposal clean-up).
+
+    Args:
+        boxes: ``[..., 4]`` yxyx boxes.
+        min_size: minimum height and width, in the boxes' units.
+    Returns:
+        ``[...]`` bool mask.
+    """
+    boxes = _as_boxes(boxes)
+    min_size = tf.cast(min_size, boxes.dtype)
+    ymin, xmin, ymax, xmax = _unstack(boxes)
+    return tf.logical_and(ymax - ymin >= min_size, xmax - xmin >= min_size)
+
+
+# ----------------------------------------------------------------------------------
+# matching anchors to ground truth
+# ----------------------------------------------------------------------------------
+POSITIVE, NEGATIVE, IGNORED = 1, 0, -1
+
+
+def match_boxes(anchors, gt_boxes, gt_valid, positive_threshold=0.7,
+                negative_threshold=0.3, allow_low_quality_matches=True):
+    """Label each anchor positive, negative or ignored (Ren et al. 2015, sec. 3.1.2).
+
+    * positive (1): IoU >= ``positive_threshold`` with some ground-truth box, or, with
+      ``allow_low_quality_matches``, the anchor (or tied anchors) with the highest IoU
+      for some ground-truth box, so that every object gets at least one anchor even
+      when no anchor reaches 0.7. A best IoU of 0 does not count (that "match" would
+      not overlap the object at all).
+    * negative (0): the best IoU with every valid ground-truth box is below
+      ``negative_threshold``.
+    * ignored (-1): in between; ignored anchors contribute nothing to the loss.
+
+    ``matched_gt_index`` is the ground-truth box with the highest IoU; for an anchor
+    made positive by the low-quality rule it is the box for which the anchor is the
+    best one. For negative anchors it is meaningless (0), use ``match_labels``.
+
+    Invalid ground-truth rows (padding, class -1: ``gt_valid`` False) never match.
+    With no valid ground truth every anchor is negative.
+
+    Args:
+        anchors: ``[A, 4]`` or ``[batch, A, 4]`` yxyx anchors.
+        gt_boxes: ``[N, 4]`` or ``[batch, N, 4]`` yxyx boxes in the anchors' units.
+        gt_valid: ``[N]`` or ``[batch, N]`` bool, False for padding rows.
+        positive_threshold, negative_threshold: IoU thresholds (0.7 and 0.3 in the paper).
+        allow_low_quality_matches: apply the best-anchor-per-object rule.
+    Returns:
+        ``(matched_gt_index, match_labels)``: int32 ``[A]`` (or ``[batch, A]``) each.
+    """
+    if not 0.0 <= negative_threshold <= positive_threshold <= 1.0:
+        raise ValueError(
+            "need 0 <= negative_threshold <= positive_threshold <= 1, got "
+            f"negative_threshold={negative_threshold}, positive_threshold={positive_threshold}"
+        )
+    anchors = _as_boxes(anchors, "anchors")
+    gt_boxes = tf.cast(_as_boxes(gt_boxes, "gt_boxes"), anchors.dtype)
+    gt_valid = tf.cast(gt_valid, tf.bool)
+    iou = pairwise_iou(anchors, gt_boxes)  # [..., A, N]
+    # Padding rows get IoU -1: below every threshold, never the best.
+    iou = tf.where(gt_valid[..., tf.newaxis, :], iou, -1.0)
+    # An extra column of -1 makes the reductions well defined when N == 0.
+    # (iou[..., :1] would itself be empty then, so build the column from the shape.)
+    iou_shape = tf.shape(iou)
+    minus_one_column = -tf.ones(tf.concat([iou_shape[:-1], [1]], axis=0), iou.dtype)
+    padded_iou = tf.concat([iou, minus_one_column], axis=-1)  # [..., A, N+1]
+    best_iou = tf.reduce_max(padded_iou, axis=-1)  # [..., A]
+    num_gt = tf.shape(iou)[-1]
+    matched_gt_index = tf.argmax(padded_iou, axis=-1, output_type=tf.int32)
+    matched_gt_index = tf.where(matched_gt_index >= num_gt, 0, matched_gt_index)
+
+    labels = tf.fill(tf.shape(best_iou), tf.constant(IGNORED, tf.int32))
+    labels = tf.where(best_iou < negative_threshold, NEGATIVE, labels)
+    labels = tf.where(best_iou >= positive_threshold, POSITIVE, labels)
+
+    if allow_low_quality_matches:
+        # Best IoU of each ground-truth box over all anchors: [..., 1, N].
+        minus_one_row = -tf.ones(
+            tf.concat([iou_shape[:-2], [1], iou_shape[-1:]], axis=0), iou.dtype)
+        padded_columns = tf.concat([iou, minus_one_row], axis=-2)  # [..., A+1, N]
+        best_iou_per_gt = tf.reduce_max(padded_columns, axis=-2, keepdims=True)
+        is_best_anchor = tf.logical_and(tf.equal(iou, best_iou_per_gt), best_iou_per_gt > 0.0)
+        is_best_anchor = tf.logical_and(is_best_anchor, gt_valid[..., tf.newaxis, :])
+        low_quality = tf.reduce_any(is_best_anchor, axis=-1)  # [..., A]
+        # Assign such an anchor to the object it is best for (highest IoU among those).
+        candidate_iou = tf.where(is_best_anchor, iou, -2.0)
+        candidate_iou = tf.concat([candidate_iou, 3.0 * minus_one_column], axis=-1)
+        best_for_index = tf.argmax(candidate_iou, axis=-1, output_type=tf.int32)
+        matched_gt_index = tf.where(low_quality, best_for_index, matched_gt_index)
+        labels = tf.where(low_quality, POSITIVE, labels)
+    return matched_gt_index, labels
+
+
+# ----------------------------------------------------------------------------------
+# non-maximum suppression
+# ----------------------------------------------------------------------------------
+def _iou_one_to_many(box, others):
+    """NumPy IoU of one yxyx box [4] with many boxes [K, 4] -> [K]."""
+    intersection_height = np.maximum(
+        np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0.0)
+    intersection_width = np.maximum(
+        np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0.0)
+    intersection = intersection_height * intersection_width
+    area = max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
+    other_areas = (np.maximum(others[:, 2] - others[:, 0], 0.0)
+                   * np.maximum(others[:, 3] - others[:, 1], 0.0))
+    union = area + other_areas - intersection
+    return np.where(union > 0, intersection / np.where(union > 0, union, 1.0), 0.0)
+
+
+def nms_reference(boxes, scores, iou_threshold, max_output_size=None, score_threshold=None):
+    """Greedy non-maximum suppression, written to be read (NumPy).
+
+    Repeat: take the highest-scoring box still in play, keep it, and remove every
+    remaining box that overlaps it with IoU > ``iou_threshold`` (these are
+    duplicate detections of the same object). Stop when no box is left or
+    ``max_output_size`` boxes are kept. Boxes scoring ``<= score_threshold`` never
+    take part. This is the rule of ``tf.image.non_max_suppression``.
+
+    Args:
+        boxes: ``[K, 4]`` yxyx boxes (array-like).
+        scores: ``[K]`` scores.
+        iou_threshold: overlap above which a lower-scoring box is suppressed.
+        max_output_size: keep at most this many (None: no limit).
+        score_threshold: drop boxes scoring at or below this first (None: keep all).
+    Returns:
+        int64 NumPy array of kept indices, highest score first.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(boxes) != len(scores):
+        raise ValueError(
+            f"`boxes` [K, 4] and `scores` [K] must have the same K, got {len(boxes)} and "
+            f"{len(scores)}")
+    # Visit boxes from the highest score down (stable, so ties keep input order).
+    order = np.argsort(-scores, kind="stable")
+    if score_threshold is not None:
+        order = order[scores[order] > score_threshold]
+    keep = []
+    while order.size > 0:
+        if max_output_size is not None and len(keep) >= max_output_size:
+            break
+        best = order[0]
+        keep.append(best)
+        rest = order[1:]
+        overlaps = _iou_one_to_many(boxes[best], boxes[rest])
+        order = rest[overlaps <= iou_threshold]  # survivors stay in score order
+    return np.asarray(keep, dtype=np.int64)
+
+
+def nms(boxes, scores, iou_threshold, max_output_size, score_threshold=float("-inf")):
+    """Fast greedy NMS: ``tf.image.non_max_suppression`` (the path the models use).
+
+    Same rule as ``nms_reference``; works inside ``tf.function``.
+
+    Args:
+        boxes: ``[K, 4]`` yxyx boxes.
+        scores: ``[K]`` scores.
+        iou_threshold: overlap above which a lower-scoring box is suppressed.
+        max_output_size: keep at most this many.
+        score_threshold: boxes scoring at or below this are dropped first.
+    Returns:
+        int32 ``[kept]`` indices into ``boxes``, highest score first.
+    """
+    boxes = _as_boxes(boxes)
+    if boxes.shape.rank is not None and boxes.shape.rank != 2:
+        raise ValueError(f"`boxes` must have shape [K, 4], got {boxes.shape}")
+    scores = tf.cast(scores, boxes.dtype)
+    return tf.image.non_max_suppression(
+        tf.cast(boxes, tf.float32), tf.cast(scores, tf.float32), max_output_size,
+        iou_threshold=iou_threshold, score_threshold=score_threshold)
