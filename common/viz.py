@@ -81,12 +81,14 @@ def show_images(images, titles=None, cols: int = 4, save_path=None, cmap=None):
 
 
 def draw_boxes(ax, boxes, classes=None, scores=None, class_names=None, color=None,
-               image_shape=None, linewidth: float = 1.5, linestyle: str = "-"):
+               image_shape=None, linewidth: float = 1.5, linestyle: str = "-",
+               show_labels: bool = True):
     """Draw normalized yxyx ``boxes`` on ``ax`` (the image must already be shown).
 
     ``image_shape`` (height, width) converts to pixels; by default it is read
     from the axis' image. Rows whose class is -1 (padding) are skipped.
-    A label "name 0.97" is written when class names or scores are given.
+    A label "name 0.97" is written when class names or scores are given
+    (``show_labels=False`` draws the rectangles only).
     """
     boxes = _numpy(boxes).reshape(-1, 4)
     classes = None if classes is None else _numpy(classes).reshape(-1)
@@ -110,7 +112,7 @@ def draw_boxes(ax, boxes, classes=None, scores=None, class_names=None, color=Non
                          else str(class_id))
         if scores is not None:
             label.append(f"{scores[i]:.2f}")
-        if label:
+        if label and show_labels:
             ax.text(xmin * width, ymin * height - 1, " ".join(label), fontsize=7, color="white",
                     va="bottom", bbox={"facecolor": edge, "alpha": 0.75, "pad": 1, "edgecolor": "none"})
     return ax
@@ -133,7 +135,7 @@ def show_detections(images, boxes, classes, scores=None, class_names=None, gt_bo
         ax.imshow(_as_display_image(images[b]))
         if gt_boxes is not None:
             draw_boxes(ax, _numpy(gt_boxes)[b], None if gt_classes is None else _numpy(gt_classes)[b],
-                       color="white", linestyle="--", linewidth=1.0)
+                       color="white", linestyle="--", linewidth=1.0, show_labels=False)
         draw_boxes(ax, _numpy(boxes)[b], _numpy(classes)[b],
                    None if scores is None else _numpy(scores)[b], class_names)
         if titles is not None:

@@ -73,3 +73,12 @@ def test_segmentation_history_and_confusion_figures(tmp_path, scenes):
     figure = viz.plot_confusion_matrix(np.array([[5, 1], [0, 4]]), ["x", "y"], save_path=tmp_path / "c.png")
     assert {p.name for p in tmp_path.iterdir()} == {"s.png", "h.png", "c.png"}
     plt.close("all")
+
+
+def test_ground_truth_is_drawn_without_labels_so_detection_labels_stay_readable():
+    figure = viz.show_detections(np.zeros((1, 32, 32, 3)), [[[0.1, 0.1, 0.5, 0.5]]], [[0]],
+                                 [[0.9]], ["circle"], gt_boxes=[[[0.1, 0.1, 0.6, 0.6]]], gt_classes=[[0]])
+    ax = figure.axes[0]
+    assert len(ax.patches) == 2
+    assert [t.get_text() for t in ax.texts] == ["circle 0.90"]
+    plt.close(figure)
