@@ -1,0 +1,123 @@
+"""Benchmark: Faster R-CNN training images/s and inference ms/image (default configuration).
+
+Builds the model of ``python ch05_detection/train_faster_rcnn.py`` with its default
+options (128x128 shapes, ResNet-small at stride 8, RoIAlign 7x7, dense head), times
+``fit`` on a stream of shapes batches after a warm-up (tracing excluded) and ``detect``
+at batch sizes 1 and 16, and writes the "## Faster R-CNN" section of bench/RESULTS.md
+(the machine's load average is recorded: the numbers depend on what else runs).
+
+Run from the repo root::
+
+    python bench/bench_faster_rcnn.py            # about 2 minutes on a 2-core CPU
+    python bench/bench_faster_rcnn.py --steps 5  # quicker, noisier
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ch05_detection import train_faster_rcnn
+from common import data as common_data
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## Faster R-CNN"
+
+
+def measure(steps=20, warmup_steps=3, inference_repeats=3):
+    config = train_faster_rcnn.Config()
+    keras.utils.set_random_seed(0)
+    dataset = common_data.load("shapes", "train", image_size=config.image_size,
+                               num_examples=config.batch_size * 4)
+    batches = list(common_data.batch_detection(dataset, config.batch_size, config.max_boxes,
+                                               drop_remainder=True))
+    stream = tf.data.Dataset.from_tensor_slices(
+        {k: tf.stack([b[k] for b in batches]) for k in batches[0]}).repeat()
+    model = train_faster_rcnn.build_model(config, num_classes=5)
+    optimizer, _ = train_faster_rcnn.make_optimizer(config, 1000)
+    model.compile(optimizer=optimizer, jit_compile=False)
+    model.fit(stream, steps_per_epoch=warmup_steps, epochs=1, verbose=0)  # trace + warm up
+    start = time.perf_counter()
+    model.fit(stream, steps_per_epoch=steps, epochs=1, verbose=0)
+    train_seconds = time.perf_counter() - start
+    images_per_second = steps * config.batch_size / train_seconds
+
+    images = batches[0]["image"].numpy()
+    inference = {}
+    for batch_size in (1, config.batch_size):
+        model.detect(images[:batch_size], batch_size=batch_size)  # trace
+        start = time.perf_counter()
+        for _ in range(inference_repeats):
+            model.detect(images, batch_size=batch_size)
+        seconds = (time.perf_counter() - start) / (inference_repeats * len(images))
+        inference[batch_size] = 1000.0 * seconds
+    return {"train_images_per_second": images_per_second, "inference_ms": inference,
+            "batch_size": config.batch_size, "steps": steps, "params": model.count_params(),
+            "load": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def write_section(result):
+    load = result["load"]
+    load_text = "n/a" if load is None else ", ".join(f"{v:.1f}" for v in load)
+    lines = [
+        SECTION, "",
+        "`python bench/bench_faster_rcnn.py`: the default `train_faster_rcnn.py` model "
+        f"(128x128 shapes, resnet_small stride 8, RoIAlign 7x7, dense head; "
+        f"{result['params']:,} parameters), TF {tf.__version__}, {os.cpu_count()} CPU cores "
+        f"({platform.machine()}), load average during the run {load_text} (the machine is "
+        "shared: a busy machine gives lower numbers).", "",
+        "| measure | value |", "| --- | --- |",
+        f"| training, images/s (batch {result['batch_size']}, {result['steps']} steps, "
+        f"tracing excluded) | {result['train_images_per_second']:.1f} |",
+        f"| inference, ms/image at batch 1 | {result['inference_ms'][1]:.1f} |",
+        f"| inference, ms/image at batch {result['batch_size']} | "
+        f"{result['inference_ms'][result['batch_size']]:.1f} |", "",
+    ]
+    repo = Path(__file__).resolve().parents[1]
+    for folder, command in [("train_faster_rcnn", ""),
+                            ("train_faster_rcnn_alternating",
+                             " --schedule alternating --out runs/train_faster_rcnn_alternating")]:
+        metrics_path = repo / "runs" / folder / "metrics.json"
+        if metrics_path.exists():  # the last training runs, if there are any
+            import json
+
+            metrics = json.loads(metrics_path.read_text())
+            lines += [
+                f"Last run of `python ch05_detection/train_faster_rcnn.py{command}` "
+                f"(runs/{folder}/metrics.json): val mAP@0.5 {metrics['val_map50']:.4f} "
+                f"(pycocotools {metrics['pycocotools_map50']:.4f}), mAP@[.5:.95] "
+                f"{metrics['val_map']:.4f} (pycocotools {metrics['pycocotools_map']:.4f}), "
+                f"{metrics['epochs']} of {metrics.get('planned_epochs', metrics['epochs'])} "
+                f"planned epochs in {metrics['train_seconds']:.0f} s of training (the "
+                "12.5-minute time budget stops early on a slow or busy machine).", ""]
+    section = "\n".join(lines)
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+    return section
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    section = write_section(measure(steps=args.steps))
+    print(section)
+
+
+if __name__ == "__main__":
+    main()

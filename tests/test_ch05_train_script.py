@@ -1,0 +1,113 @@
+"""Smoke tests of ch05_detection/train_faster_rcnn.py and predict.py in FAST mode."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "ch05_detection" / "train_faster_rcnn.py"
+METRIC_KEYS = {"val_map50", "val_map", "train_seconds", "epochs", "pycocotools_map50",
+               "pycocotools_map"}
+OUTPUTS = ("metrics.json", "config.json", "val_ground_truth.json", "val_detections.json",
+           "detections.png", "proposals.png", "pr_curves.png", "faster_rcnn.keras")
+
+
+def run_script(*args):
+    env = dict(os.environ, CVTF_FAST="1")
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def check_outputs(out):
+    for name in OUTPUTS:
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    # Our evaluation and pycocotools agree on the exported JSON files.
+    assert metrics["val_map50"] == pytest.approx(metrics["pycocotools_map50"], abs=1e-6)
+    assert metrics["val_map"] == pytest.approx(metrics["pycocotools_map"], abs=1e-6)
+    detections = json.loads((out / "val_detections.json").read_text())
+    ground_truth = json.loads((out / "val_ground_truth.json").read_text())
+    assert isinstance(detections, list) and {"images", "annotations", "categories"} <= set(ground_truth)
+    return metrics
+
+
+@pytest.mark.slow
+def test_fast_joint_run_then_resume(tmp_path):
+    out = tmp_path / "joint"
+    first = run_script("--out", str(out))
+    assert "Summary" in first
+    metrics = check_outputs(out)
+    assert metrics["epochs"] == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["fast"] is True and config["image_size"] == 64
+    # Re-running with the same --out and one more epoch resumes: only epoch 2 is trained.
+    second = run_script("--out", str(out), "--epochs", "2", "--eval-every", "0")
+    assert "resuming" in second
+    assert "Epoch 2/2" in second and "Epoch 1/2" not in second
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+
+    # predict.py on the saved model: two image files in, annotated PNGs out.
+    import cv2
+
+    from ch05_detection import predict
+    from common import synthetic
+
+    paths = []
+    for i in range(2):
+        image = synthetic.make_scene(i, "test", image_size=80)["image"]
+        paths.append(tmp_path / f"scene{i}.png")
+        cv2.imwrite(str(paths[-1]), cv2.cvtColor((image * 255).astype(np.uint8), cv2.COLOR_RGB2BGR))
+    results = predict.main([str(p) for p in paths] + ["--model", str(out / "faster_rcnn.keras"),
+                                                      "--out", str(tmp_path / "pred"),
+                                                      "--min-score", "0.0"])
+    assert len(results) == 2
+    for path, result in zip(paths, results):
+        assert (tmp_path / "pred" / f"{path.stem}_detections.png").exists()
+        assert len(result["boxes"]) == len(result["scores"]) == len(result["classes"])
+    with pytest.raises(ValueError, match="cannot read"):
+        predict.main([str(tmp_path / "missing.png"), "--model", str(out / "faster_rcnn.keras")])
+
+
+@pytest.mark.slow
+def test_fast_alternating_schedule(tmp_path):
+    out = tmp_path / "alternating"
+    stdout = run_script("--out", str(out), "--schedule", "alternating", "--roi-op", "pool",
+                        "--eval-every", "0")
+    for step, stage in enumerate(["rpn", "detector", "rpn_finetune", "detector_finetune"], 1):
+        assert f"stage {step}/4: {stage}" in stdout
+    metrics = check_outputs(out)
+    assert metrics["epochs"] == 4 and metrics["schedule"] == "alternating"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["voc/2007", "coco/2017"])
+def test_real_dataset_paths_under_mock_data(tmp_path, dataset, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    from ch05_detection import train_faster_rcnn
+
+    monkeypatch.setenv("CVTF_FAST", "1")
+    with tfds.testing.mock_data(num_examples=4):
+        metrics = train_faster_rcnn.main(
+            ["--dataset", dataset, "--out", str(tmp_path / "run"), "--train-examples", "4",
+             "--val-examples", "2", "--eval-every", "0", "--batch-size", "2"])
+    assert np.isfinite(metrics["val_map50"]) and metrics["epochs"] == 1
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["dataset"] == dataset
+
+
+def test_bad_arguments_are_rejected():
+    from ch05_detection import train_faster_rcnn
+
+    with pytest.raises(SystemExit):
+        train_faster_rcnn.main(["--roi-op", "warp", "--fast"])
+    with pytest.raises(SystemExit):
+        train_faster_rcnn.main(["--schedule", "sometimes", "--fast"])
