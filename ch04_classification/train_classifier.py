@@ -29,7 +29,6 @@ well under 5 minutes on a 2-core CPU (see metrics.json for the numbers of your r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
@@ -391,20 +390,6 @@ def save_prediction_grid(model, dataset, class_names, save_path, count=16):
 # Main
 # --------------------------------------------------------------------------------------------------
 
-def logging_callback(log_dir):
-    """TensorBoard logs in `log_dir` when the tensorboard package is installed, else a CSV of the epochs.
-
-    tf.summary needs the tensorboard package (`pip install tensorboard`); without it the same numbers go
-    to <log_dir>/history.csv, so a run never fails for want of a viewer.
-    """
-    log_dir = Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    if importlib.util.find_spec("tensorboard") is not None:
-        return keras.callbacks.TensorBoard(str(log_dir), write_graph=False)
-    print("(tensorboard is not installed: epoch logs go to logs/history.csv; pip install tensorboard for TensorBoard)")
-    return keras.callbacks.CSVLogger(str(log_dir / "history.csv"), append=True)
-
-
 def read_backup_epoch(backup_dir):
     """Epochs already completed by a previous run with the same --out (0 if none)."""
     path = Path(backup_dir) / "training_metadata.json"
@@ -473,7 +458,7 @@ def main(argv=None):
     fit_callbacks = [
         keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False),
         callbacks.SimpleLogCallback(log_keys, config.epochs),
-        logging_callback(out / "logs"),
+        *callbacks.epoch_log_callbacks(out / "logs", "history.csv"),
     ]
     train_start = time.perf_counter()
     history = model.fit(train_data, validation_data=val_data, epochs=config.epochs, callbacks=fit_callbacks,

@@ -294,18 +294,6 @@ def load_checkpoint(model, directory):
     return json.loads((directory / "state.json").read_text())
 
 
-def history_logger(out, stage):
-    """TensorBoard logs in out/logs when the tensorboard package is installed, else a CSV
-    of the same per-epoch numbers (out/logs/<stage>.csv)."""
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return keras.callbacks.CSVLogger(str(out / "logs" / f"{stage}.csv"), append=True)
-    return keras.callbacks.TensorBoard(str(out / "logs" / stage), write_graph=False,
-                                       profile_batch=0)
-
-
 def stage_plan(config):
     """[(stage name, epochs)] for the chosen schedule."""
     if config.schedule == "joint":
@@ -350,7 +338,8 @@ def train(model, config, train_batches, val_batches, val_examples, num_classes, 
                                         epochs, state))
         if config.eval_every and stage in ("joint", "detector", "detector_finetune"):
             callbacks.append(MapCallback(eval_subset, num_classes, config.eval_every))
-        callbacks += [common_callbacks.SimpleLogCallback(names, epochs), history_logger(out, stage)]
+        callbacks += [common_callbacks.SimpleLogCallback(names, epochs),
+                      *common_callbacks.epoch_log_callbacks(out / "logs" / stage, f"{stage}.csv")]
         model.fit(train_batches, epochs=epochs, initial_epoch=initial_epoch,
                   callbacks=callbacks, verbose=0)
         if state["stage_epochs"].get(stage, 0) < epochs:  # stopped by the time budget

@@ -34,10 +34,10 @@ import keras
 import tensorflow as tf
 
 from common import data, viz
-from common.callbacks import SimpleLogCallback
+from common.callbacks import SimpleLogCallback, epoch_log_callbacks
 from common.config import parse_config, save_config, write_metrics
 from ch06_segmentation import losses, models, noise
-from ch06_segmentation.train_unet import EpochCounter, finished_epochs, logs_callback
+from ch06_segmentation.train_unet import EpochCounter, finished_epochs
 
 
 @dataclass
@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     counter = EpochCounter()
     callbacks = [
         keras.callbacks.BackupAndRestore(str(out / "backup"), delete_checkpoint=False),
-        logs_callback(out / "logs"),
+        *epoch_log_callbacks(out / "logs"),
         SimpleLogCallback({"loss": "loss", "val loss": "val_loss", "val MSE": "val_mse"},
                           config.epochs, config.log_frequency),
         counter,

@@ -17,8 +17,8 @@ Run from the repository root::
 
 Writes into ``--out`` (default ``runs/train_unet``): ``config.json``,
 ``backup/`` (re-running with the same ``--out`` resumes from the last finished
-epoch), ``logs/`` (TensorBoard, or ``logs/epochs.csv``
-without the tensorboard package), ``model.keras``, ``predictions.png`` (rows of
+epoch), ``logs/`` (TensorBoard and ``logs/epochs.csv``
+one row per epoch), ``model.keras``, ``predictions.png`` (rows of
 image | ground truth | prediction), ``history.png`` and ``metrics.json``
 (``val_mean_iou``, ``val_pixel_accuracy``, per-class IoU, ``train_seconds``,
 ``epochs``).
@@ -39,7 +39,7 @@ import keras
 import tensorflow as tf
 
 from common import data, viz
-from common.callbacks import SimpleLogCallback
+from common.callbacks import SimpleLogCallback, epoch_log_callbacks
 from common.config import parse_config, save_config, write_metrics
 from ch06_segmentation import losses, models
 
@@ -162,20 +162,6 @@ class EpochCounter(keras.callbacks.Callback):
         self.last_epoch = epoch + 1
 
 
-def logs_callback(log_dir: Path) -> keras.callbacks.Callback:
-    """TensorBoard logs in ``log_dir`` when the tensorboard package is installed.
-
-    ``tf.summary`` needs the separate tensorboard package; without it the same
-    per-epoch numbers go to ``log_dir/epochs.csv`` so nothing is lost.
-    """
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        return keras.callbacks.CSVLogger(str(log_dir / "epochs.csv"), append=True)
-    return keras.callbacks.TensorBoard(str(log_dir), write_graph=False, profile_batch=0)
-
-
 def evaluate(model, dataset, num_classes):
     """Validation mean IoU, pixel accuracy and per-class IoU over the whole split."""
     mean_iou = losses.MeanIoU(num_classes)
@@ -247,7 +233,7 @@ def main(argv=None) -> dict:
         # Re-running with the same --out resumes after the last finished epoch
         # (the backup is kept at the end, so a finished run is not repeated).
         keras.callbacks.BackupAndRestore(str(out / "backup"), delete_checkpoint=False),
-        logs_callback(out / "logs"),
+        *epoch_log_callbacks(out / "logs"),
         SimpleLogCallback({"loss": "loss", "mIoU": "mean_iou", "val loss": "val_loss",
                            "val mIoU": "val_mean_iou", "val acc": "val_pixel_accuracy"},
                           config.epochs, config.log_frequency),

@@ -6,6 +6,7 @@
 
   It logs the first epoch, the last epoch and every ``log_frequency``-th
   epoch, numbering epochs from 1 as a reader counts them.
+* ``epoch_log_callbacks`` writes TensorBoard logs and a CSV of the epochs.
 * ``FigureCallback`` saves a figure (usually predictions on a fixed batch)
   every ``every`` epochs, so progress can be watched as pictures.
 """
@@ -109,3 +110,23 @@ class FigureCallback(keras.callbacks.Callback):
         figure.savefig(path, dpi=80, bbox_inches="tight")
         plt.close(figure)
         self.saved_paths.append(path)
+
+
+def epoch_log_callbacks(log_dir, csv_name: str = "epochs.csv") -> list:
+    """TensorBoard logs in ``log_dir`` plus ``log_dir/<csv_name>``, one row per epoch.
+
+    The CSV is appended to, so a resumed run adds its epochs after the first
+    run's. TensorBoard needs the ``tensorboard`` package (in requirements.txt);
+    if it is missing the CSV alone is written, so a run never fails for want
+    of a viewer. View with ``tensorboard --logdir <out>/logs``.
+    """
+    import importlib.util
+
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [keras.callbacks.CSVLogger(str(log_dir / csv_name), append=True)]
+    if importlib.util.find_spec("tensorboard") is not None:
+        callbacks.append(keras.callbacks.TensorBoard(str(log_dir), write_graph=False, profile_batch=0))
+    else:
+        print("(tensorboard is not installed: epoch logs go to the CSV only)")
+    return callbacks

@@ -66,3 +66,13 @@ def test_figure_callback_saves_every_n_epochs_and_the_last(tmp_path):
     tiny_fit([callback], epochs=5)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
         "predictions_epoch_002.png", "predictions_epoch_004.png", "predictions_epoch_005.png"]
+
+
+def test_epoch_log_callbacks_write_tensorboard_and_an_appended_csv(tmp_path):
+    from common.callbacks import epoch_log_callbacks
+
+    tiny_fit(epoch_log_callbacks(tmp_path / "logs"), epochs=2)
+    tiny_fit(epoch_log_callbacks(tmp_path / "logs"), epochs=1)  # a resumed run appends
+    rows = (tmp_path / "logs" / "epochs.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch") and [r.split(",")[0] for r in rows[1:]] == ["0", "1", "0"]
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*")), "TensorBoard event files"
