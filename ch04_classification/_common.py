@@ -63,6 +63,17 @@ def image_input(input_shape, preprocessing, weights, default_mode):
     return inputs, x
 
 
+def global_pooling(x, pooling):
+    """The headless network's optional pooling: None keeps the map, "avg" or "max" -> [batch, channels]."""
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(f'pooling must be None, "avg" or "max", got {pooling!r}')
+    if pooling == "avg":
+        return keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if pooling == "max":
+        return keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+    return x
+
+
 def pooling_head(x, num_classes, include_top, pooling, classifier_activation):
     """Global average pooling + a dense classifier (include_top), or optional pooling only."""
     if pooling not in (None, "avg", "max"):
@@ -72,8 +83,4 @@ def pooling_head(x, num_classes, include_top, pooling, classifier_activation):
         return keras.layers.Dense(
             num_classes, activation=classifier_activation, name="predictions"
         )(x)
-    if pooling == "avg":
-        return keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    if pooling == "max":
-        return keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
-    return x
+    return global_pooling(x, pooling)

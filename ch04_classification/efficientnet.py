@@ -29,6 +29,7 @@ from ch04_classification._common import (
     check_input_shape,
     check_num_classes,
     check_weights,
+    global_pooling,
     image_input,
 )
 from ch04_classification.mobilenet import make_divisible, pad_for_stride_2
@@ -225,12 +226,8 @@ def build_efficientnet(
             kernel_initializer=DENSE_INITIALIZER,
             name="predictions",
         )(x)
-    elif pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
-    elif pooling is not None:
-        raise ValueError(f'pooling must be None, "avg" or "max", got {pooling!r}')
+    else:
+        x = global_pooling(x, pooling)
     model = keras.Model(inputs, x, name=name)
     if weights == "imagenet":
         application = getattr(keras.applications, f"EfficientNetB{name[-1]}")

@@ -24,6 +24,7 @@ from ch04_classification._common import (
     check_input_shape,
     check_num_classes,
     check_weights,
+    global_pooling,
     image_input,
 )
 from ch04_classification.weights import load_imagenet_weights
@@ -127,12 +128,8 @@ def build_mobilenet_v1(
         x = keras.layers.Conv2D(num_classes, 1, padding="same", name="conv_preds")(x)
         x = keras.layers.Reshape((num_classes,), name="reshape_2")(x)
         x = keras.layers.Activation(classifier_activation or "linear", name="predictions")(x)
-    elif pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
-    elif pooling is not None:
-        raise ValueError(f'pooling must be None, "avg" or "max", got {pooling!r}')
+    else:
+        x = global_pooling(x, pooling)
     model = keras.Model(inputs, x, name=name)
     if weights == "imagenet":
         load_imagenet_weights(
@@ -216,12 +213,8 @@ def build_mobilenet_v2(
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = keras.layers.Dense(num_classes, activation=classifier_activation, name="predictions")(x)
-    elif pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
-    elif pooling is not None:
-        raise ValueError(f'pooling must be None, "avg" or "max", got {pooling!r}')
+    else:
+        x = global_pooling(x, pooling)
     model = keras.Model(inputs, x, name=name)
     if weights == "imagenet":
         load_imagenet_weights(

@@ -23,6 +23,7 @@ from ch04_classification._common import (
     check_input_shape,
     check_num_classes,
     check_weights,
+    global_pooling,
     image_input,
 )
 from ch04_classification.weights import load_imagenet_weights
@@ -91,12 +92,8 @@ def build_vgg(
         x = keras.layers.Dense(fc_units, activation="relu", name="fc2")(x)
         x = keras.layers.Dropout(dropout, name="fc2_dropout")(x)
         x = keras.layers.Dense(num_classes, activation=classifier_activation, name="predictions")(x)
-    elif pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
-    elif pooling is not None:
-        raise ValueError(f'pooling must be None, "avg" or "max", got {pooling!r}')
+    else:
+        x = global_pooling(x, pooling)
     model = keras.Model(inputs, x, name=name)
     if weights == "imagenet":
         load_imagenet_weights(model, _application(name), include_top, num_classes)

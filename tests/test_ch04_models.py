@@ -721,3 +721,15 @@ def test_inception_module_output_depth_and_bottleneck_savings():
     branch_names = ("m_3x3_reduce", "m_3x3", "m_5x5_reduce", "m_5x5")
     reduced = sum(module.get_layer(layer_name).count_params() for layer_name in branch_names)
     assert reduced < (192 * 128 * 9 + 192 * 32 * 25) / 2
+
+
+@pytest.mark.parametrize("name, application", [("mobilenet_v2", "MobileNetV2"), ("vgg16", "VGG16"),
+                                               ("efficientnet_b0", "EfficientNetB0")])
+@pytest.mark.parametrize("pooling", [None, "avg", "max"])
+def test_headless_pooling_matches_keras_applications(name, application, pooling):
+    ours = models.get_model(name, (64, 64, 3), num_classes=None, include_top=False, pooling=pooling)
+    reference = getattr(keras.applications, application)(
+        include_top=False, weights=None, input_shape=(64, 64, 3), pooling=pooling)
+    assert ours.output.shape == reference.output.shape
+    with pytest.raises(ValueError, match="pooling"):
+        models.get_model(name, (64, 64, 3), num_classes=None, include_top=False, pooling="mean")
