@@ -232,3 +232,40 @@ def test_convolution_module_imports_no_tensorflow():
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
     assert imported <= {"__future__", "numpy"}, imported
+
+
+# ---------------------------------------------------------------------------------------------
+# A filter learned instead of designed (ch04_classification/learned_filter.py)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sobel_vertical", "scharr_horizontal"])
+def test_gradient_descent_learns_the_designed_filter_on_real_photographs(name):
+    from ch04_classification import learned_filter
+
+    images = learned_filter.grayscale_sample_images(downsample=8)  # china.jpg, flower.jpg
+    assert len(images) == 2 and images[0].shape == (54, 80)
+    assert 0.0 <= min(i.min() for i in images) and max(i.max() for i in images) <= 1.0
+    target = convolution.edge_filter(name)
+    result = learned_filter.learn_filter(images, target, steps=300)
+    assert result["initial_cosine"] < 0.5  # it starts far from the answer ...
+    assert result["cosine"] >= 0.99  # ... and gradient descent finds it
+    assert result["losses"][-1] < 1e-3 * result["losses"][0]
+    # The learned filter's response on a photograph is the designed one's (our NumPy conv2d).
+    np.testing.assert_allclose(convolution.conv2d(images[0], result["kernel"]),
+                               convolution.conv2d(images[0], target), atol=0.02)
+
+
+def test_learned_filter_bad_input():
+    from ch04_classification import learned_filter
+
+    assert learned_filter.cosine_similarity([1, 2], [2, 4]) == pytest.approx(1.0)
+    assert learned_filter.cosine_similarity([1, 0], [0, 3]) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="target_kernel"):
+        learned_filter.learn_filter(np.zeros((1, 8, 8)), np.ones((3, 2)))
+    with pytest.raises(ValueError, match="images"):
+        learned_filter.learn_filter(np.zeros((8, 8)), np.ones((3, 3)))
+    with pytest.raises(ValueError, match="steps"):
+        learned_filter.learn_filter(np.zeros((1, 8, 8)), np.ones((3, 3)), steps=0)
+    with pytest.raises(ValueError, match="names"):
+        learned_filter.grayscale_sample_images(["lena.png"])
+    with pytest.raises(ValueError, match="downsample"):
+        learned_filter.grayscale_sample_images(downsample=0)
