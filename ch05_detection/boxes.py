@@ -14,7 +14,7 @@ inside ``tf.function`` and inside Keras layers:
   prediction never produces ``inf`` or ``NaN``;
 * ``clip_boxes`` and ``box_size_mask`` (the proposal layer's clean-up);
 * ``match_boxes``: label anchors positive / negative / ignored from their IoU with
-  the ground truth (Ren et al. 2015, sec. 3.1.2);
+  the ground truth (Ren et al. 2015, sec. 3.1.2), a front for ``targets.py``;
 * non-maximum suppression twice: ``nms_reference``, a readable greedy loop in NumPy
   (the lesson), and ``nms``, the fast ``tf.image.non_max_suppression`` path used in the
   models. ``tests/test_ch05_boxes.py`` checks they keep the same boxes, and
@@ -311,79 +311,20 @@ def box_size_mask(boxes, min_size):
 # ----------------------------------------------------------------------------------
 # matching anchors to ground truth
 # ----------------------------------------------------------------------------------
-POSITIVE, NEGATIVE, IGNORED = 1, 0, -1
-
-
 def match_boxes(anchors, gt_boxes, gt_valid, positive_threshold=0.7,
-                negative_threshold=0.3, allow_low_quality_matches=True):
-    """Label each anchor positive, negative or ignored (Ren et al. 2015, sec. 3.1.2).
+                negative_threshold=0.3, allow_low_quality_matches=True, anchor_valid=None):
+    """Label anchors positive / negative / ignored (Ren et al. 2015, sec. 3.1.2).
 
-    * positive (1): IoU >= ``positive_threshold`` with some ground-truth box, or, with
-      ``allow_low_quality_matches``, the anchor (or tied anchors) with the highest IoU
-      for some ground-truth box, so that every object gets at least one anchor even
-      when no anchor reaches 0.7. A best IoU of 0 does not count (that "match" would
-      not overlap the object at all).
-    * negative (0): the best IoU with every valid ground-truth box is below
-      ``negative_threshold``.
-    * ignored (-1): in between; ignored anchors contribute nothing to the loss.
+    The matcher lives in ``targets.py`` with the sampler (every detector's targets);
+    this name stays here for the box lessons. See ``targets.match_boxes``.
 
-    ``matched_gt_index`` is the ground-truth box with the highest IoU; for an anchor
-    made positive by the low-quality rule it is the box for which the anchor is the
-    best one. For negative anchors it is meaningless (0), use ``match_labels``.
-
-    Invalid ground-truth rows (padding, class -1: ``gt_valid`` False) never match.
-    With no valid ground truth every anchor is negative.
-
-    Args:
-        anchors: ``[A, 4]`` or ``[batch, A, 4]`` yxyx anchors.
-        gt_boxes: ``[N, 4]`` or ``[batch, N, 4]`` yxyx boxes in the anchors' units.
-        gt_valid: ``[N]`` or ``[batch, N]`` bool, False for padding rows.
-        positive_threshold, negative_threshold: IoU thresholds (0.7 and 0.3 in the paper).
-        allow_low_quality_matches: apply the best-anchor-per-object rule.
     Returns:
         ``(matched_gt_index, match_labels)``: int32 ``[A]`` (or ``[batch, A]``) each.
     """
-    if not 0.0 <= negative_threshold <= positive_threshold <= 1.0:
-        raise ValueError(
-            "need 0 <= negative_threshold <= positive_threshold <= 1, got "
-            f"negative_threshold={negative_threshold}, positive_threshold={positive_threshold}"
-        )
-    anchors = _as_boxes(anchors, "anchors")
-    gt_boxes = tf.cast(_as_boxes(gt_boxes, "gt_boxes"), anchors.dtype)
-    gt_valid = tf.cast(gt_valid, tf.bool)
-    iou = pairwise_iou(anchors, gt_boxes)  # [..., A, N]
-    # Padding rows get IoU -1: below every threshold, never the best.
-    iou = tf.where(gt_valid[..., tf.newaxis, :], iou, -1.0)
-    # An extra column of -1 makes the reductions well defined when N == 0.
-    # (iou[..., :1] would itself be empty then, so build the column from the shape.)
-    iou_shape = tf.shape(iou)
-    minus_one_column = -tf.ones(tf.concat([iou_shape[:-1], [1]], axis=0), iou.dtype)
-    padded_iou = tf.concat([iou, minus_one_column], axis=-1)  # [..., A, N+1]
-    best_iou = tf.reduce_max(padded_iou, axis=-1)  # [..., A]
-    num_gt = tf.shape(iou)[-1]
-    matched_gt_index = tf.argmax(padded_iou, axis=-1, output_type=tf.int32)
-    matched_gt_index = tf.where(matched_gt_index >= num_gt, 0, matched_gt_index)
+    from ch05_detection import targets  # targets imports this module
 
-    labels = tf.fill(tf.shape(best_iou), tf.constant(IGNORED, tf.int32))
-    labels = tf.where(best_iou < negative_threshold, NEGATIVE, labels)
-    labels = tf.where(best_iou >= positive_threshold, POSITIVE, labels)
-
-    if allow_low_quality_matches:
-        # Best IoU of each ground-truth box over all anchors: [..., 1, N].
-        minus_one_row = -tf.ones(
-            tf.concat([iou_shape[:-2], [1], iou_shape[-1:]], axis=0), iou.dtype)
-        padded_columns = tf.concat([iou, minus_one_row], axis=-2)  # [..., A+1, N]
-        best_iou_per_gt = tf.reduce_max(padded_columns, axis=-2, keepdims=True)
-        is_best_anchor = tf.logical_and(tf.equal(iou, best_iou_per_gt), best_iou_per_gt > 0.0)
-        is_best_anchor = tf.logical_and(is_best_anchor, gt_valid[..., tf.newaxis, :])
-        low_quality = tf.reduce_any(is_best_anchor, axis=-1)  # [..., A]
-        # Assign such an anchor to the object it is best for (highest IoU among those).
-        candidate_iou = tf.where(is_best_anchor, iou, -2.0)
-        candidate_iou = tf.concat([candidate_iou, 3.0 * minus_one_column], axis=-1)
-        best_for_index = tf.argmax(candidate_iou, axis=-1, output_type=tf.int32)
-        matched_gt_index = tf.where(low_quality, best_for_index, matched_gt_index)
-        labels = tf.where(low_quality, POSITIVE, labels)
-    return matched_gt_index, labels
+    return targets.match_boxes(anchors, gt_boxes, gt_valid, positive_threshold,
+                               negative_threshold, allow_low_quality_matches, anchor_valid)
 
 
 # ----------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ import keras
 import tensorflow as tf
 
 from ch05_detection import boxes as box_ops
-from ch05_detection.rpn import check_detection_targets, smooth_l1
+from ch05_detection import targets
+from ch05_detection.rpn import smooth_l1
+from ch05_detection.targets import check_detection_targets
 
 # Fast R-CNN sec. 2.3: regression targets normalized to ~unit variance; the
 # (10, 10, 5, 5) weights are the equivalent Detectron / torchvision constants.
@@ -47,7 +49,9 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_classes, num_rois=64,
     box (foreground, labelled with that box's class) and the rest from IoU in
     [0.1, 0.5) (background, label 0). Faster R-CNN adds the ground-truth boxes to the
     proposals. When an image has too few candidates, the remaining slots are padding
-    with class target -1 (they count in no loss).
+    with class target -1 (they count in no loss). The matching is ``targets.match_iou``
+    (no low-quality matches) and the sampling ``targets.sample_balanced``, the same
+    pieces the RPN uses.
 
     Args:
         proposals: ``[batch, P, 4]`` normalized yxyx.
@@ -59,7 +63,7 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_classes, num_rois=64,
         background_iou_high, background_iou_low: background IoU range [low, high).
         add_ground_truth: append the ground-truth boxes to the candidates.
         box_weights: weights of the box encoding.
-        seed: optional int seed.
+        seed: per-image sampling seeds ``[batch, 2]`` (``targets.image_seeds``) or an int.
     Returns:
         dict: ``rois`` ``[batch, R, 4]``, ``class_targets`` ``[batch, R]`` int32
         (0 background, ``c + 1`` for class c, -1 padding), ``box_targets``
@@ -70,8 +74,10 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_classes, num_rois=64,
         raise ValueError(f"`num_rois` must be >= 1, got {num_rois}")
     if not 0.0 <= foreground_fraction <= 1.0:
         raise ValueError(f"`foreground_fraction` must be in [0, 1], got {foreground_fraction}")
-    if not 0.0 <= background_iou_low <= background_iou_high <= foreground_iou:
-        raise ValueError("need 0 <= background_iou_low <= background_iou_high <= foreground_iou")
+    if not 0.0 <= background_iou_low <= background_iou_high <= foreground_iou <= 1.0:
+        raise ValueError("need 0 <= background_iou_low <= background_iou_high <= foreground_iou "
+                         f"<= 1, got {background_iou_low}, {background_iou_high}, "
+                         f"{foreground_iou}")
     gt_boxes, gt_classes, gt_valid = check_detection_targets(gt_boxes, gt_classes)
     proposals = tf.convert_to_tensor(proposals, tf.float32)
     proposal_valid = tf.cast(proposal_valid, tf.bool)
@@ -79,40 +85,19 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_classes, num_rois=64,
         proposals = tf.concat([proposals, gt_boxes], axis=1)  # [batch, P + N, 4]
         proposal_valid = tf.concat([proposal_valid, gt_valid], axis=1)
     iou = box_ops.pairwise_iou(proposals, gt_boxes)  # [batch, P', N]
-    iou = tf.where(gt_valid[:, None, :], iou, -1.0)
-    iou = tf.concat([iou, -tf.ones_like(iou[..., :1])], axis=-1)  # a column for N == 0
-    max_iou = tf.reduce_max(iou, axis=-1)  # [batch, P']
-    num_gt = tf.shape(gt_boxes)[1]
-    matched = tf.argmax(iou, axis=-1, output_type=tf.int32)
-    matched = tf.where(matched >= num_gt, 0, matched)
+    matched, labels, max_iou = targets.match_iou(
+        iou, gt_valid, positive_threshold=foreground_iou,
+        negative_threshold=background_iou_high, negative_lower_bound=background_iou_low,
+        allow_low_quality_matches=False, candidate_valid=proposal_valid)  # [batch, P']
+    labels = targets.sample_balanced(labels, num_rois, foreground_fraction, seed=seed)
 
-    foreground = tf.logical_and(proposal_valid, max_iou >= foreground_iou)
-    background = tf.logical_and(
-        proposal_valid,
-        tf.logical_and(max_iou < background_iou_high, max_iou >= background_iou_low))
-    if background_iou_low <= 0.0:  # IoU -1 (no ground truth in the image) is background too
-        background = tf.logical_or(background, tf.logical_and(proposal_valid, max_iou < 0.0))
-    max_foreground = int(round(num_rois * foreground_fraction))
-    num_foreground = tf.minimum(tf.reduce_sum(tf.cast(foreground, tf.int32), axis=1),
-                                max_foreground)
-    num_background = tf.minimum(tf.reduce_sum(tf.cast(background, tf.int32), axis=1),
-                                num_rois - num_foreground)
-    random = tf.random.uniform(tf.shape(max_iou), seed=seed)
-
-    def random_rank(mask):
-        order = tf.argsort(tf.where(mask, random, -1.0), axis=1, direction="DESCENDING")
-        return tf.argsort(order, axis=1)
-
-    keep_foreground = tf.logical_and(foreground,
-                                     random_rank(foreground) < num_foreground[:, None])
-    keep_background = tf.logical_and(background,
-                                      random_rank(background) < num_background[:, None])
-    # One sort key puts the kept foreground first, then the kept background, then the rest.
-    priority = (tf.cast(keep_foreground, tf.float32) * 2.0
-                + tf.cast(keep_background, tf.float32) + random * 0.5)
+    # Gather the sampled RoIs: foreground first, then background, then the rest
+    # (top_k keeps the original order among equals).
+    priority = tf.where(tf.equal(labels, targets.POSITIVE), 2,
+                        tf.where(tf.equal(labels, targets.NEGATIVE), 1, 0))
     num_candidates = tf.shape(priority)[1]
     padding = tf.maximum(num_rois - num_candidates, 0)
-    priority = tf.pad(priority, [[0, 0], [0, padding]], constant_values=-1.0)
+    priority = tf.pad(priority, [[0, 0], [0, padding]], constant_values=-1)
     _, index = tf.math.top_k(priority, k=num_rois)  # [batch, R]
 
     def take(values, fill):
@@ -120,14 +105,14 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_classes, num_rois=64,
         return tf.gather(tf.pad(values, pad_spec, constant_values=fill), index, batch_dims=1)
 
     rois = take(proposals, 0.0)  # [batch, R, 4]
-    is_foreground = take(keep_foreground, False)
-    is_background = take(keep_background, False)
+    roi_labels = take(labels, targets.IGNORED)
+    is_foreground = tf.equal(roi_labels, targets.POSITIVE)
     roi_iou = take(max_iou, -1.0)
     matched_index = take(matched, 0)
     matched_boxes = tf.gather(gt_boxes, matched_index, batch_dims=1)  # [batch, R, 4]
     matched_classes = tf.gather(gt_classes, matched_index, batch_dims=1)  # [batch, R]
     class_targets = tf.where(is_foreground, matched_classes + 1,
-                             tf.where(is_background, 0, -1))
+                             tf.where(tf.equal(roi_labels, targets.NEGATIVE), 0, -1))
     box_targets = box_ops.encode_boxes(matched_boxes, rois, weights=box_weights)
     box_targets = tf.where(is_foreground[..., None], box_targets, 0.0)
     return {"rois": tf.stop_gradient(rois), "class_targets": class_targets,
@@ -253,7 +238,8 @@ def detection_loss(class_logits, box_deltas, class_targets, box_targets, box_los
     ``L = L_cls(p, u) + lambda [u >= 1] L_loc(t^u, v)``: log loss over all sampled RoIs
     and smooth L1 on the deltas of the *true* class, for foreground RoIs only (a
     background RoI has no box to regress). Both terms are averaged over the sampled
-    RoIs (padding, class -1, is excluded).
+    RoIs (padding, class -1, is excluded); under ``tf.distribute`` that count is
+    averaged over the replicas (``targets.mean_over_replicas``).
 
     Args:
         class_logits: ``[batch, R, K + 1]``; box_deltas: ``[batch, R, K, 4]``.
@@ -265,7 +251,8 @@ def detection_loss(class_logits, box_deltas, class_targets, box_targets, box_los
     class_targets = tf.cast(class_targets, tf.int32)
     sampled = tf.cast(class_targets >= 0, tf.float32)
     foreground = tf.cast(class_targets > 0, tf.float32)
-    num_sampled = tf.maximum(tf.reduce_sum(sampled), 1.0)
+    # Under tf.distribute every replica divides by the same (all-reduced) count.
+    num_sampled = tf.maximum(targets.mean_over_replicas(tf.reduce_sum(sampled)), 1.0)
     log_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=tf.maximum(class_targets, 0), logits=tf.cast(class_logits, tf.float32))
     classification_loss = tf.reduce_sum(log_loss * sampled) / num_sampled
@@ -312,7 +299,9 @@ def postprocess_detections(rois, class_logits, box_deltas, roi_valid=None, score
         max_per_class: kept per class before the final cut (default ``max_detections``).
     Returns:
         dict ``boxes`` ``[batch, D, 4]``, ``classes`` ``[batch, D]`` int32 (0-based,
-        -1 padding), ``scores`` ``[batch, D]`` (0 padding), ``num_detections`` ``[batch]``.
+        -1 padding), ``confidence`` ``[batch, D]`` (0 padding), ``num_detections``
+        ``[batch]``: the keys of keras-hub's ``ObjectDetector``; ``scores`` is the same
+        tensor as ``confidence`` under the name the evaluation code uses.
     """
     boxes, scores = decode_detections(rois, class_logits, box_deltas, box_weights)
     if roi_valid is not None:
@@ -325,7 +314,9 @@ def postprocess_detections(rois, class_logits, box_deltas, roi_valid=None, score
     num_detections = tf.cast(result.valid_detections, tf.int32)
     valid = tf.range(max_detections)[None, :] < num_detections[:, None]
     classes = tf.where(valid, tf.cast(result.nmsed_classes, tf.int32), -1)
+    confidence = tf.where(valid, result.nmsed_scores, 0.0)
     return {"boxes": tf.where(valid[..., None], result.nmsed_boxes, 0.0),
             "classes": classes,
-            "scores": tf.where(valid, result.nmsed_scores, 0.0),
+            "confidence": confidence,
+            "scores": confidence,
             "num_detections": num_detections}

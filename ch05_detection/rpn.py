@@ -8,9 +8,11 @@ reader can copy one at a time:
 
 * ``RPNHead``: a 3x3 convolution, then sibling 1x1 convolutions for the objectness
   logits (``k`` per location) and the box deltas (``4k`` per location) (sec. 3.1).
-* ``assign_rpn_targets`` and ``sample_anchors``: label anchors positive (IoU >= 0.7, or
-  the best anchor of an object), negative (IoU < 0.3) or ignored, then sample 256
-  anchors per image, at most half of them positive (sec. 3.1.2 and 3.1.3).
+* ``assign_rpn_targets``: label anchors positive (IoU >= 0.7, or the best anchor of
+  an object), negative (IoU < 0.3) or ignored, ignore the anchors that cross the image
+  border, then sample 256 anchors per image, at most half of them positive (sec.
+  3.1.2, 3.1.3 and 3.3). The matcher and the sampler are ``targets.py``'s, shared with
+  the detection head and the one-stage detectors.
 * ``rpn_loss``: log loss over the sampled anchors + lambda * smooth-L1 over the
   positive ones (eq. 1).
 * ``ProposalLayer``: turn scores and deltas into proposals: decode, clip to the
@@ -33,6 +35,12 @@ import keras
 import tensorflow as tf
 
 from ch05_detection import boxes as box_ops
+from ch05_detection import targets
+# The ground-truth check and the sampler live in targets.py; these names stay here for
+# the notebook and older callers.
+from ch05_detection.targets import check_detection_targets  # noqa: F401  (re-exported)
+
+sample_anchors = targets.sample_balanced
 
 # Faster R-CNN sec. 3.1.3: "we randomly sample 256 anchors in an image ... where the
 # sampled positive and negative anchors have a ratio of up to 1:1".
@@ -109,85 +117,14 @@ class RPNHead(keras.layers.Layer):
 # ----------------------------------------------------------------------------------
 # training targets
 # ----------------------------------------------------------------------------------
-def check_detection_targets(gt_boxes, gt_classes, num_classes=None):
-    """Validate a padded ground-truth batch; returns ``(gt_boxes, gt_classes, gt_valid)``.
-
-    Rows with class -1 are padding. Degenerate rows (zero width or height) and boxes
-    outside [0, 1] are clipped/ignored rather than rejected, so a noisy label never
-    makes the loss NaN. Class ids ``>= num_classes`` raise ``ValueError`` when the
-    values are known (eager); inside a graph they are treated as padding.
-
-    Args:
-        gt_boxes: ``[batch, N, 4]`` normalized yxyx.
-        gt_classes: ``[batch, N]`` int, -1 for padding.
-        num_classes: number of foreground classes (optional check).
-    Returns:
-        ``gt_boxes`` clipped to [0, 1] ``[batch, N, 4]``, ``gt_classes`` ``[batch, N]``
-        int32 with invalid rows set to -1, ``gt_valid`` ``[batch, N]`` bool.
-    """
-    gt_boxes = tf.convert_to_tensor(gt_boxes, tf.float32)
-    gt_classes = tf.cast(tf.convert_to_tensor(gt_classes), tf.int32)
-    if gt_boxes.shape.rank is not None and gt_boxes.shape.rank != 3:
-        raise ValueError(f"`gt_boxes` must have shape [batch, N, 4], got {gt_boxes.shape}")
-    if gt_classes.shape.rank is not None and gt_classes.shape.rank != 2:
-        raise ValueError(f"`gt_classes` must have shape [batch, N], got {gt_classes.shape}")
-    if num_classes is not None and tf.executing_eagerly():
-        if gt_classes.shape.num_elements() and int(tf.reduce_max(gt_classes)) >= num_classes:
-            raise ValueError(
-                f"`gt_classes` must be -1 (padding) or in [0, {num_classes}), "
-                f"got max {int(tf.reduce_max(gt_classes))}")
-    gt_boxes = box_ops.clip_boxes(gt_boxes)
-    valid = gt_classes >= 0
-    if num_classes is not None:
-        valid = tf.logical_and(valid, gt_classes < num_classes)
-    # A box with no area cannot be matched by IoU: treat it as absent.
-    valid = tf.logical_and(valid, box_ops.box_area(gt_boxes) > 0.0)
-    gt_classes = tf.where(valid, gt_classes, -1)
-    return gt_boxes, gt_classes, valid
-
-
-def sample_anchors(labels, num_samples=DEFAULT_NUM_SAMPLES,
-                   positive_fraction=DEFAULT_POSITIVE_FRACTION, seed=None):
-    """Randomly keep ``num_samples`` labelled anchors per image, at most a fraction positive.
-
-    Faster R-CNN sec. 3.1.3: 256 anchors per image with up to 1:1 positives to
-    negatives; if an image has fewer than 128 positives, negatives fill the rest.
-    Implemented for a whole batch without loops: every candidate gets a random
-    number, and the ones with the smallest random rank are kept.
-
-    Args:
-        labels: ``[batch, A]`` int32 in {1 positive, 0 negative, -1 ignored}.
-        num_samples: anchors kept per image.
-        positive_fraction: upper bound on the positive share.
-        seed: optional int for ``tf.random.uniform``.
-    Returns:
-        ``[batch, A]`` labels, with anchors that were not sampled set to -1.
-    """
-    labels = tf.convert_to_tensor(labels, tf.int32)
-    positive = tf.equal(labels, 1)
-    negative = tf.equal(labels, 0)
-    max_positive = int(round(num_samples * positive_fraction))
-    num_positive = tf.minimum(tf.reduce_sum(tf.cast(positive, tf.int32), axis=1), max_positive)
-    num_negative = tf.minimum(tf.reduce_sum(tf.cast(negative, tf.int32), axis=1),
-                              num_samples - num_positive)
-    random = tf.random.uniform(tf.shape(labels), seed=seed)
-
-    def random_rank(mask):
-        # Rank 0 = candidate with the largest random number; non-candidates rank last.
-        keys = tf.where(mask, random, -1.0)
-        order = tf.argsort(keys, axis=1, direction="DESCENDING")
-        return tf.argsort(order, axis=1)  # inverse permutation = rank of each anchor
-
-    keep_positive = tf.logical_and(positive, random_rank(positive) < num_positive[:, None])
-    keep_negative = tf.logical_and(negative, random_rank(negative) < num_negative[:, None])
-    return tf.where(keep_positive, 1, tf.where(keep_negative, 0, -1))
-
-
 def assign_rpn_targets(anchors, gt_boxes, gt_classes, positive_threshold=0.7,
                        negative_threshold=0.3, num_samples=DEFAULT_NUM_SAMPLES,
                        positive_fraction=DEFAULT_POSITIVE_FRACTION,
-                       box_weights=RPN_BOX_WEIGHTS, seed=None):
-    """RPN training targets for a batch (Ren et al. 2015, sec. 3.1.2 and 3.1.3).
+                       box_weights=RPN_BOX_WEIGHTS, seed=None, anchor_valid=None):
+    """RPN training targets for a batch (Ren et al. 2015, sec. 3.1.2, 3.1.3 and 3.3).
+
+    ``targets.match_boxes`` labels the anchors (with the best-anchor rule), then
+    ``targets.sample_balanced`` keeps ``num_samples`` of them per image.
 
     Args:
         anchors: ``[A, 4]`` normalized yxyx anchors (shared by all images).
@@ -196,7 +133,9 @@ def assign_rpn_targets(anchors, gt_boxes, gt_classes, positive_threshold=0.7,
         positive_threshold, negative_threshold: IoU thresholds (0.7, 0.3).
         num_samples, positive_fraction: the mini-batch of anchors per image.
         box_weights: scale weights of the box encoding.
-        seed: optional seed of the sampling.
+        seed: per-image sampling seeds ``[batch, 2]`` (``targets.image_seeds``) or an int.
+        anchor_valid: optional ``[A]`` bool; False anchors are ignored (the paper ignores
+            cross-boundary anchors in training: ``targets.inside_image(anchors)``).
     Returns:
         ``(labels, box_targets)``: ``[batch, A]`` int32 in {1, 0, -1} after sampling
         (-1 = not in the loss) and ``[batch, A, 4]`` encoded regression targets
@@ -206,10 +145,11 @@ def assign_rpn_targets(anchors, gt_boxes, gt_classes, positive_threshold=0.7,
     gt_boxes, gt_classes, gt_valid = check_detection_targets(gt_boxes, gt_classes)
     batch_size = tf.shape(gt_boxes)[0]
     batch_anchors = tf.broadcast_to(anchors[None], [batch_size, tf.shape(anchors)[0], 4])
-    matched_index, labels = box_ops.match_boxes(
+    matched_index, labels = targets.match_boxes(
         batch_anchors, gt_boxes, gt_valid, positive_threshold=positive_threshold,
-        negative_threshold=negative_threshold, allow_low_quality_matches=True)  # [batch, A]
-    labels = sample_anchors(labels, num_samples, positive_fraction, seed=seed)
+        negative_threshold=negative_threshold, allow_low_quality_matches=True,
+        anchor_valid=anchor_valid)  # [batch, A]
+    labels = targets.sample_balanced(labels, num_samples, positive_fraction, seed=seed)
     matched_boxes = tf.gather(gt_boxes, matched_index, batch_dims=1)  # [batch, A, 4]
     box_targets = box_ops.encode_boxes(matched_boxes, batch_anchors, weights=box_weights)
     box_targets = tf.where(tf.equal(labels, 1)[..., None], box_targets, 0.0)
@@ -250,12 +190,14 @@ def rpn_loss(objectness_logits, box_deltas, labels, box_targets, box_loss_weight
         smooth_l1_beta: transition point of smooth L1 (1/9, py-faster-rcnn's sigma=3).
         num_locations: optional N_reg per image for the paper's normalization.
     Returns:
-        ``(classification_loss, box_loss)``: scalars.
+        ``(classification_loss, box_loss)``: scalars. The normalisers are averaged over
+        the replicas under ``tf.distribute`` (``targets.mean_over_replicas``).
     """
     labels = tf.cast(labels, tf.int32)
     sampled = tf.cast(labels >= 0, tf.float32)  # [batch, A]
     positive = tf.cast(tf.equal(labels, 1), tf.float32)
-    num_sampled = tf.maximum(tf.reduce_sum(sampled), 1.0)
+    # Under tf.distribute every replica divides by the same (all-reduced) count.
+    num_sampled = tf.maximum(targets.mean_over_replicas(tf.reduce_sum(sampled)), 1.0)
     log_loss = tf.nn.sigmoid_cross_entropy_with_logits(
         labels=positive, logits=tf.cast(objectness_logits, tf.float32))  # [batch, A]
     classification_loss = tf.reduce_sum(log_loss * sampled) / num_sampled
@@ -264,7 +206,8 @@ def rpn_loss(objectness_logits, box_deltas, labels, box_targets, box_loss_weight
     if num_locations is None:
         normalizer = num_sampled
     else:
-        normalizer = tf.cast(num_locations * tf.shape(labels)[0], tf.float32)
+        batch_size = targets.mean_over_replicas(tf.cast(tf.shape(labels)[0], tf.float32))
+        normalizer = float(num_locations) * batch_size
     box_loss = box_loss_weight * tf.reduce_sum(box_error * positive) / normalizer
     return classification_loss, box_loss
 
@@ -390,8 +333,8 @@ class ProposalLayer(keras.layers.Layer):
 def proposal_recall(proposals, num_valid, gt_boxes, gt_classes, iou_threshold=0.5):
     """Fraction of ground-truth boxes covered by some proposal with IoU >= threshold.
 
-    The check STYLE.md asks for: an RPN that "trains" but never proposes boxes on the
-    objects has recall near 0.
+    The check that catches an RPN which "trains" but never proposes boxes on the
+    objects: its recall is near 0.
 
     Args:
         proposals: ``[batch, P, 4]``; ``num_valid``: ``[batch]`` valid rows.

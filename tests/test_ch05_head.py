@@ -154,3 +154,32 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="num_rois"):
         head_ops.sample_rois(np.zeros((1, 2, 4)), np.ones((1, 2), bool), np.zeros((1, 1, 4)),
                              [[0]], num_rois=0)
+
+
+def test_sample_rois_is_a_function_of_its_seeds():
+    from ch05_detection import targets
+
+    rng = np.random.default_rng(5)
+    gt = random_boxes(rng, (2, 3))
+    classes = np.array([[0, 1, 2], [3, -1, -1]], np.int32)
+    proposals = random_boxes(rng, (2, 120))
+    valid = np.ones((2, 120), bool)
+
+    def sample(step, indices):
+        seeds = targets.image_seeds(step, indices, seed=0, stream=targets.ROI_SAMPLING_STREAM)
+        return head_ops.sample_rois(proposals, valid, gt, classes, num_rois=16,
+                                    seed=seeds)["rois"].numpy()
+
+    first = sample(3, [0, 1])
+    np.testing.assert_array_equal(sample(3, [0, 1]), first)
+    assert not np.array_equal(sample(4, [0, 1]), first)
+
+
+def test_postprocess_uses_keras_hub_key_names():
+    rng = np.random.default_rng(6)
+    rois = random_boxes(rng, (1, 10))
+    logits = (3 * rng.normal(size=(1, 10, 3))).astype(np.float32)
+    out = head_ops.postprocess_detections(rois, logits, np.zeros((1, 10, 2, 4), np.float32),
+                                          max_detections=4)
+    assert {"boxes", "confidence", "classes", "num_detections"} <= set(out)
+    np.testing.assert_array_equal(out["confidence"], out["scores"])

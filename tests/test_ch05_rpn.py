@@ -68,19 +68,6 @@ def test_positive_anchors_exist_on_shapes_data():
     assert np.isfinite(targets.numpy()).all()
 
 
-def test_sampling_limits_many_positives():
-    labels = np.full((2, 1000), -1, np.int32)
-    labels[0, :600] = 1  # many positives
-    labels[0, 600:] = 0
-    labels[1, :10] = 1  # few positives: negatives fill the rest
-    labels[1, 10:500] = 0
-    sampled = rpn.sample_anchors(labels, 256, 0.5).numpy()
-    assert (sampled[0] == 1).sum() == 128 and (sampled[0] == 0).sum() == 128
-    assert (sampled[1] == 1).sum() == 10 and (sampled[1] == 0).sum() == 246
-    # Only anchors with a label can be sampled, with the same label.
-    assert np.all((sampled == -1) | (sampled == labels))
-
-
 def test_padded_ground_truth_is_ignored():
     anchors = shapes_anchors()
     boxes, classes = shapes_batch(4, max_boxes=5)
@@ -245,3 +232,41 @@ def test_proposal_recall_by_hand():
     assert float(rpn.proposal_recall(proposals, [2], gt, classes)) == pytest.approx(0.5)
     assert float(rpn.proposal_recall(proposals, [3], gt, classes)) == pytest.approx(1.0)
     keras.utils.set_random_seed(0)
+
+
+def test_cross_boundary_anchors_are_ignored():
+    """Ren et al. 2015 sec. 3.3: anchors crossing the border take no part in the loss."""
+    from ch05_detection import targets
+
+    anchors = shapes_anchors()
+    inside = targets.inside_image(anchors).numpy()
+    boxes, classes = shapes_batch(6)
+    total = anchors.shape[0]
+    labels, _ = rpn.assign_rpn_targets(anchors, boxes, classes, num_samples=total,
+                                       positive_fraction=1.0, anchor_valid=inside)
+    labels = labels.numpy()
+    assert (labels[:, ~inside] == -1).all()
+    # Every object still gets a positive (its best anchor among those inside).
+    for i in range(6):
+        if (classes[i] >= 0).any():
+            assert (labels[i] == 1).sum() >= (classes[i] >= 0).sum()
+    # Inside the image the labels are those of the plain matcher except where the best
+    # anchor of an object moved inside.
+    plain, _ = rpn.assign_rpn_targets(anchors, boxes, classes, num_samples=total,
+                                      positive_fraction=1.0)
+    plain = plain.numpy()
+    assert ((plain[:, inside] == labels[:, inside]) | (labels[:, inside] == 1)).all()
+
+
+def test_rpn_loss_paper_normalisation():
+    """num_locations: the box term divided by the anchor locations (N_reg), eq. (1)."""
+    rng = np.random.default_rng(4)
+    labels = rng.integers(-1, 2, size=(2, 30)).astype(np.int32)
+    deltas = rng.normal(size=(2, 30, 4)).astype(np.float32)
+    targets_ = rng.normal(size=(2, 30, 4)).astype(np.float32)
+    _, box_loss = rpn.rpn_loss(np.zeros((2, 30), np.float32), deltas, labels, targets_,
+                               box_loss_weight=10.0, smooth_l1_beta=1.0, num_locations=10)
+    diff = np.abs(deltas - targets_)
+    sl1 = np.where(diff < 1, 0.5 * diff ** 2, diff - 0.5).sum(-1)
+    np.testing.assert_allclose(float(box_loss), 10.0 * sl1[labels == 1].sum() / (10 * 2),
+                               rtol=1e-5)
