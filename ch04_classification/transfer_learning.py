@@ -46,7 +46,8 @@ import tensorflow as tf
 
 from common import augment, config as config_lib, data
 from ch04_classification import models
-from ch04_classification.train_classifier import ClassifierTrainer, accuracy_metrics, make_optimizer
+from ch04_classification.trainer import ClassifierTrainer, accuracy_metrics
+from common.training import make_optimizer
 
 STRATEGIES = ("scratch", "feature_extraction", "fine_tune_top", "fine_tune_all", "fine_tune_all_low_lr",
               "head_then_fine_tune")

@@ -51,6 +51,18 @@ def _parse_tuple(text: str, item_type):
     return tuple(item_type(t.strip()) for t in items)
 
 
+def _optional(kind, name):
+    """A type for ``int | None`` options: the word None (any case) means None."""
+
+    def convert(text):
+        if text.strip().lower() == "none":
+            return None
+        return kind(text)
+
+    convert.__name__ = kind.__name__  # argparse names the type in its error message
+    return convert
+
+
 def build_parser(config_cls, description: str | None = None) -> argparse.ArgumentParser:
     """An ``argparse`` parser with one option per dataclass field."""
     if not dataclasses.is_dataclass(config_cls):
@@ -70,7 +82,8 @@ def build_parser(config_cls, description: str | None = None) -> argparse.Argumen
             field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
         kind, optional = _field_type(config_cls, field)
         common = {"dest": field.name, "default": argparse.SUPPRESS}
-        help_with_default = f"{help_text} (default: {default!r})"
+        # argparse %-formats help strings: a literal "25% fg" must be written "25%% fg".
+        help_with_default = f"{help_text} (default: {default!r})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction,
                                 help=help_with_default, **common)
@@ -80,7 +93,8 @@ def build_parser(config_cls, description: str | None = None) -> argparse.Argumen
                                 metavar="A,B,...", help=help_with_default, **common)
         else:
             choices = field.metadata.get("choices")
-            parser.add_argument(flag, type=kind if kind in (int, float, str) else str,
+            base = kind if kind in (int, float, str) else str
+            parser.add_argument(flag, type=_optional(base, field.name) if optional else base,
                                 choices=choices, help=help_with_default, **common)
     return parser
 

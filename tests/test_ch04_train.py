@@ -1,9 +1,10 @@
 """Tests of ch04_classification/train_classifier.py: FAST runs in-process, resume, errors, GoogLeNet's aux losses.
 
-- The learning-rate schedule equals Keras' own CosineDecay (with warm-up) and PiecewiseConstantDecay.
 - A FAST run writes every output; its val_accuracy equals the accuracy recomputed independently
-  (scikit-learn) from the saved model.keras on the same validation images; re-running with the same
-  --out and more epochs continues at the next epoch (log lines and the CSV history prove it).
+  (scikit-learn) from the saved model.keras on the same validation images; re-running the finished
+  run keeps its record (train_seconds, history) instead of overwriting it; re-running with other
+  options refuses and names them.
+- A run killed with SIGKILL and re-run ends with exactly the weights of an uninterrupted run.
 - With more than 5 classes top-5 accuracy is reported and equals scikit-learn's top_k_accuracy_score.
 - Unknown model / data set names give a ValueError naming the option.
 - GoogLeNet's auxiliary classifiers are trained through their weighted losses (their weights move only
@@ -21,7 +22,8 @@ from sklearn.metrics import accuracy_score, top_k_accuracy_score
 
 from common import data
 from ch04_classification import models, train_classifier
-from ch04_classification.train_classifier import ClassifierTrainer, WarmupSchedule
+from ch04_classification.trainer import ClassifierTrainer
+from common.training import RunError
 
 
 def validation_arrays(dataset, num_examples, image_size, seed=0):
@@ -34,55 +36,23 @@ def validation_arrays(dataset, num_examples, image_size, seed=0):
 
 
 # --------------------------------------------------------------------------------------------------
-# Schedule
-# --------------------------------------------------------------------------------------------------
-
-def test_cosine_schedule_with_warmup_equals_keras_cosine_decay():
-    total, warmup, peak = 100, 10, 0.01
-    ours = WarmupSchedule("cosine", peak, total, warmup, final_fraction=0.05)
-    reference = keras.optimizers.schedules.CosineDecay(0.0, total - warmup, alpha=0.05, warmup_target=peak,
-                                                       warmup_steps=warmup)
-    steps = [0, 1, 5, 9, 10, 11, 37, 60, 99, 100, 150]
-    np.testing.assert_allclose([float(ours(s)) for s in steps], [float(reference(s)) for s in steps],
-                               rtol=1e-5, atol=1e-9)
-
-
-def test_step_schedule_equals_piecewise_constant_decay():
-    total, peak = 40, 0.1
-    ours = WarmupSchedule("step", peak, total, warmup_steps=0)
-    # Our boundaries are at 50 % and 75 %: the drop happens *at* step 20 and 30; Keras' boundary b keeps
-    # the old value at step b, so its boundaries are 19 and 29 for integer steps.
-    reference = keras.optimizers.schedules.PiecewiseConstantDecay([19, 29], [peak, peak * 0.1, peak * 0.01])
-    steps = range(0, 45)
-    np.testing.assert_allclose([float(ours(s)) for s in steps], [float(reference(s)) for s in steps], rtol=1e-6)
-    constant = WarmupSchedule("constant", peak, total, warmup_steps=4)
-    np.testing.assert_allclose([float(constant(s)) for s in (0, 2, 4, 39)], [0.0, 0.05, 0.1, 0.1], rtol=1e-6)
-
-
-def test_schedule_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="schedule"):
-        WarmupSchedule("linear", 0.1, 10)
-    with pytest.raises(ValueError, match="warmup_steps"):
-        WarmupSchedule("cosine", 0.1, 10, warmup_steps=20)
-
-
-# --------------------------------------------------------------------------------------------------
 # The script, in-process
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_fast_run_writes_outputs_and_resumes(tmp_path, capsys):
+def test_fast_run_writes_outputs_and_keeps_its_record(tmp_path, capsys):
     out = tmp_path / "run"
-    common_args = ["--fast", "--out", str(out), "--num-train-examples", "64", "--num-val-examples", "48"]
-    metrics = train_classifier.main(common_args + ["--epochs", "1"])
-    for name in ("metrics.json", "config.json", "confusion_matrix.png", "predictions.png", "model.keras"):
+    common_args = ["--fast", "--out", str(out), "--num-train-examples", "64", "--num-val-examples", "48",
+                   "--epochs", "2"]
+    metrics = train_classifier.main(common_args)
+    for name in ("metrics.json", "config.json", "confusion_matrix.png", "predictions.png", "model.keras",
+                 "history.png", "class_names.json", "checkpoint/state.npz"):
         assert (out / name).is_file(), name
-    assert (out / "logs").is_dir() and (out / "backup").is_dir()
     written = json.loads((out / "metrics.json").read_text())
     assert written == pytest.approx(metrics)
-    assert {"val_accuracy", "train_seconds", "epochs"} <= set(written)
+    assert {"val_accuracy", "train_seconds", "epochs", "parameters", "replicas"} <= set(written)
     assert "val_top5_accuracy" not in written  # 5 classes: top-5 would always be 1
-    assert written["epochs"] == 1 and json.loads((out / "config.json").read_text())["epochs"] == 1
+    assert written["epochs"] == 2 and written["replicas"] == 1
 
     # Independent check of val_accuracy: reload the saved network, predict, score with scikit-learn.
     images, labels = validation_arrays("shapes_classification", 48, written["image_size"])
@@ -90,15 +60,19 @@ def test_fast_run_writes_outputs_and_resumes(tmp_path, capsys):
     predicted = np.asarray(network(images, training=False)).argmax(axis=-1)
     assert written["val_accuracy"] == pytest.approx(accuracy_score(labels, predicted), abs=1e-6)
 
-    # Same --out, two epochs in total: training continues with epoch 2, it does not start again.
+    # Re-running the finished run trains nothing and keeps the record of the run that trained.
     capsys.readouterr()
-    resumed = train_classifier.main(common_args + ["--epochs", "2"])
-    printed = capsys.readouterr().out
-    assert "Epoch 2/2" in printed and "Epoch 1/2" not in printed
-    assert resumed["initial_epoch"] == 1 and resumed["epochs_this_run"] == 1 and resumed["epochs"] == 2
-    # The CSV epoch log is appended to: one row per epoch ever trained, none twice.
-    rows = (out / "logs" / "history.csv").read_text().splitlines()[1:]
-    assert [int(line.split(",")[0]) for line in rows] == [0, 1]
+    again = train_classifier.main(common_args)
+    assert "already done" in capsys.readouterr().out
+    assert again["train_seconds"] == written["train_seconds"] and again["epochs"] == 2
+    assert again["epochs_this_run"] == 0
+    assert again["val_accuracy"] == pytest.approx(written["val_accuracy"])
+    rows = (out / "logs" / "epochs.csv").read_text().splitlines()[1:]
+    assert [int(line.split(",")[0]) for line in rows] == [0, 1]  # one CSV row per epoch ever trained
+
+    # Other options into the same --out: refused, naming the options.
+    with pytest.raises(RunError, match="--epochs: earlier run 2, now 3"):
+        train_classifier.main(common_args[:-1] + ["3"])
 
 
 @pytest.mark.slow
@@ -120,13 +94,15 @@ def test_top5_accuracy_with_more_than_five_classes(tmp_path):
     (["--epochs", "0"], "--epochs"),
     (["--weights", "places365"], "--weights"),
 ])
-def test_bad_arguments_raise_clear_errors(tmp_path, argv, option):
-    with pytest.raises(ValueError, match=option):
+def test_bad_arguments_raise_clear_errors(tmp_path, capsys, argv, option):
+    with pytest.raises(SystemExit) as exit_info:  # argparse or the harness: a message, no traceback
         train_classifier.main(["--fast", "--out", str(tmp_path)] + argv)
+    assert exit_info.value.code == 2
+    assert option in capsys.readouterr().err
 
 
 def test_detection_data_set_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="--dataset"):
+    with pytest.raises(RunError, match="--dataset"):
         train_classifier.main(["--fast", "--out", str(tmp_path), "--dataset", "shapes"])
 
 
@@ -165,4 +141,4 @@ def test_googlenet_fast_run(tmp_path):
                                      "--num-train-examples", "32", "--num-val-examples", "16", "--batch-size", "16"])
     assert metrics["image_size"] == 80  # raised from FAST's 32 to what the auxiliary classifiers need
     assert np.isfinite(metrics["val_loss"])
-    assert "aux_loss" in (tmp_path / "logs" / "history.csv").read_text().splitlines()[0]
+    assert "aux_loss" in (tmp_path / "logs" / "epochs.csv").read_text().splitlines()[0]
