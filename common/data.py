@@ -15,6 +15,8 @@ Where the data come from:
 
 * ``shapes``, ``shapes_classification``, ``shapes_segmentation``: the embedded
   synthetic scenes of ``common/synthetic.py`` (no download, the default).
+* ``shapes_localization``: zero or one shape per image, with its box, class
+  and landmark points (localization and landmark detection, ch05).
 * ``digits``: scikit-learn's bundled 8x8 hand-written digits (no download).
 * ``mnist``, ``cifar10``, ``cifar100``, ``oxford_iiit_pet``, ``voc/2007``,
   ``coco/2017``: tensorflow-datasets, adapted to the contracts (downloaded by
@@ -78,6 +80,11 @@ _EMBEDDED_ALTERNATIVE = {
     "classification": "shapes_classification", "detection": "shapes",
     "segmentation": "shapes_segmentation",
 }
+# The localization / landmark variant (ch05_detection/localization.py): zero or one shape per
+# image, detection keys plus "landmarks" float32 [N, K, 2] (normalized x, y) and
+# "landmark_visibility" int32 [N, K] (synthetic.make_localization_example).
+_DEFAULT_IMAGE_SIZES["shapes_localization"] = 64
+_DEFAULT_TASKS["shapes_localization"] = "detection"
 
 # ---------------------------------------------------------------------------
 # Class names. Hard-coded because tfds only knows some of them before the
@@ -258,6 +265,16 @@ def _load_shapes(name, split, image_size, num_examples, seed, with_masks, channe
             for index in range(num_examples):
                 scene = synthetic.make_scene(index, split, seed, image_size=side)
                 yield {key: scene[key] for key in signature}
+    elif name == "shapes_localization":
+        num_landmarks = synthetic.NUM_LANDMARKS
+        signature = {"image": image_spec, "boxes": tf.TensorSpec([None, 4], tf.float32),
+                     "classes": tf.TensorSpec([None], tf.int32),
+                     "landmarks": tf.TensorSpec([None, num_landmarks, 2], tf.float32),
+                     "landmark_visibility": tf.TensorSpec([None, num_landmarks], tf.int32)}
+
+        def generate():
+            for index in range(num_examples):
+                yield synthetic.make_localization_example(index, split, seed, image_size=side)
     elif name == "shapes_classification":
         signature = {"image": image_spec, "label": tf.TensorSpec([], tf.int32)}
 
@@ -384,21 +401,113 @@ def _adapt_tfds(name, task, keep_difficult):
     return classification
 
 
-def _tfds_load(name, tfds_split, data_dir, task):
-    import tensorflow_datasets as tfds  # imported here: slow, and only needed here
+def embedded_alternative(name: str, task: str | None = None) -> str:
+    """The embedded data set (no download) to use when ``name`` cannot be had.
 
+    mnist -> digits (hand-written digits too); otherwise by task: shapes
+    (detection), shapes_classification, shapes_segmentation.
+    """
+    if name == "mnist":
+        return "digits"
+    task = task or _DEFAULT_TASKS.get(name, "detection")
+    return _EMBEDDED_ALTERNATIVE.get(task, "shapes")
+
+
+def _exception_chain(error):
+    """``error`` and every exception it was raised from / during, outermost first."""
+    chain = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _network_error_types():
+    """Exception types that mean "the download did not get through"."""
+    import socket
+    import urllib.error
+
+    types = [ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError]
     try:
+        import requests  # what tensorflow-datasets downloads with
+
+        types.append(requests.exceptions.RequestException)
+    except ImportError:
+        pass
+    try:
+        import tensorflow_datasets as tfds
+
+        types.append(tfds.download.DownloadError)
+    except (ImportError, AttributeError):
+        pass
+    return tuple(types)
+
+
+def _failure_kind(error):
+    """("module" | "name" | "network" | "other", the exception that says so).
+
+    Walks from the outermost exception inward; the first one that tells what
+    happened decides.
+    """
+    network = _network_error_types()
+    for cause in _exception_chain(error):
+        if isinstance(cause, ImportError):
+            return "module", cause
+        if type(cause).__name__ == "DatasetNotFoundError" or re.search(
+                r"BuilderConfig .* not found", str(cause)):
+            return "name", cause
+        if isinstance(cause, network):
+            return "network", cause
+    return "other", error
+
+
+def _tfds_failure_message(name, tfds_split, data_dir, task, error):
+    """Says what went wrong when tfds could not give ``name``: a missing module,
+    the network, a name this tfds does not know, or anything else."""
+    alternative = embedded_alternative(name, task)
+    offline_hint = (f"To go on without it, train on the embedded data, which needs no "
+                    f"download: pass `--dataset {alternative}` to a training script "
+                    f"(data.load({alternative!r}, ...) in Python).")
+    where = f"tfds data set {name!r} (split {tfds_split!r}, data_dir {data_dir!r})"
+    kind, cause = _failure_kind(error)
+    # First line only: tfds' "not found" error goes on to list every data set it knows.
+    first_line = (str(cause).strip().splitlines() or [""])[0]
+    original = f"{type(cause).__name__}: {first_line[:400]}"
+    if kind == "module":
+        module = getattr(cause, "name", None) or str(cause)
+        state = ("is not installed" if isinstance(cause, ModuleNotFoundError)
+                 else "could not be imported (another version installed?)")
+        return (f"could not load {where}: the Python module {module!r} {state}; "
+                f"tensorflow-datasets needs it ({original}). Install the pinned requirements: "
+                f"`pip install -r requirements.txt` (`make test` does it in .venv). "
+                f"{offline_hint}")
+    if kind == "name":
+        import tensorflow_datasets as tfds
+
+        return (f"could not load {where}: tensorflow-datasets {tfds.__version__} has no data set "
+                f"or config named {name!r} ({original}). The name is registered in "
+                f"common/data.py; install the tensorflow-datasets version pinned in "
+                f"requirements.txt (`pip install -r requirements.txt`). {offline_hint}")
+    if kind == "network":
+        return (f"could not download {where}: the download failed, no network connection "
+                f"(offline, or the server did not answer; {original}). {offline_hint} "
+                f"To use {name!r}, connect to the internet once so tensorflow-datasets can "
+                f"download and prepare it, or prepare it on another machine "
+                f"(`tfds build {name}`) and pass data_dir=... pointing at the copied folder "
+                f"(see data/README.md).")
+    return (f"could not load {where}: {original}. {offline_hint} If the download or the "
+            f"prepared copy is broken, delete the data set's folder under data_dir and "
+            f"retry (see data/README.md).")
+
+
+def _tfds_load(name, tfds_split, data_dir, task):
+    try:
+        import tensorflow_datasets as tfds  # imported here: slow, and only needed here
+
         return tfds.load(name, split=tfds_split, data_dir=data_dir, shuffle_files=False)
-    except Exception as error:  # any failure (no network, disk, corrupt download)
-        alternative = _EMBEDDED_ALTERNATIVE[task]
+    except Exception as error:  # reworded below: missing module, network, name, other
         raise DatasetUnavailableError(
-            f"could not load tfds data set {name!r} (split {tfds_split!r}, data_dir "
-            f"{data_dir!r}): {type(error).__name__}: {error}\n"
-            f"To continue without it, use the embedded data set: "
-            f"load({alternative!r}, ...) needs no download. To use {name!r}, connect to the "
-            f"internet so tensorflow-datasets can download it once, or download it on "
-            f"another machine and pass data_dir=... pointing at the prepared copy "
-            f"(see data/README.md).") from error
+            _tfds_failure_message(name, tfds_split, data_dir, task, error)) from error
 
 
 def _load_tfds(name, split, task, image_size, num_examples, data_dir, with_masks, channels,
@@ -937,7 +1046,7 @@ def get_info(name, data_dir=None, task=None) -> DatasetInfo:
         task = task or _DEFAULT_TASKS[name]
         side = _DEFAULT_IMAGE_SIZES[name]
         image_size = None if side is None else (side, side)
-        if name in ("shapes", "shapes_classification"):
+        if name in ("shapes", "shapes_classification", "shapes_localization"):
             names = synthetic.CLASS_NAMES
         elif name == "shapes_segmentation":
             names = ("background",) + synthetic.CLASS_NAMES
