@@ -330,6 +330,26 @@ def match_boxes(anchors, gt_boxes, gt_valid, positive_threshold=0.7,
 # ----------------------------------------------------------------------------------
 # non-maximum suppression
 # ----------------------------------------------------------------------------------
+def _check_iou_threshold(iou_threshold):
+    """ValueError unless ``0 <= iou_threshold <= 1``; when the value is only known when
+    the graph runs, returns an in-graph assert instead (else None)."""
+    value = tf.get_static_value(iou_threshold) if tf.is_tensor(iou_threshold) else iou_threshold
+    message = "`iou_threshold` must be in [0, 1] (an IoU)"
+    if value is not None:
+        value = float(np.asarray(value))
+        if not 0.0 <= value <= 1.0:  # False for NaN too
+            raise ValueError(f"{message}, got {value}")
+        return None
+    threshold = tf.cast(iou_threshold, tf.float32)
+    return tf.debugging.Assert(tf.logical_and(threshold >= 0.0, threshold <= 1.0),
+                        [message + ", got", threshold])
+
+
+def _check_max_output_size(max_output_size):
+    if max_output_size is not None and not tf.is_tensor(max_output_size) and max_output_size < 0:
+        raise ValueError(f"`max_output_size` must be >= 0, got {max_output_size}")
+
+
 def _iou_one_to_many(box, others):
     """NumPy IoU of one yxyx box [4] with many boxes [K, 4] -> [K]."""
     intersection_height = np.maximum(
@@ -353,15 +373,21 @@ def nms_reference(boxes, scores, iou_threshold, max_output_size=None, score_thre
     ``max_output_size`` boxes are kept. Boxes scoring ``<= score_threshold`` never
     take part. This is the rule of ``tf.image.non_max_suppression``.
 
+    A degenerate box (``ymax <= ymin`` or ``xmax <= xmin``, also one whose corners are
+    swapped) has area 0 and IoU 0 with everything, as everywhere in this module: it is
+    kept if its score allows, and it suppresses nothing.
+
     Args:
         boxes: ``[K, 4]`` yxyx boxes (array-like).
         scores: ``[K]`` scores.
-        iou_threshold: overlap above which a lower-scoring box is suppressed.
+        iou_threshold: overlap in [0, 1] above which a lower-scoring box is suppressed.
         max_output_size: keep at most this many (None: no limit).
         score_threshold: drop boxes scoring at or below this first (None: keep all).
     Returns:
         int64 NumPy array of kept indices, highest score first.
     """
+    _check_iou_threshold(iou_threshold)
+    _check_max_output_size(max_output_size)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(boxes) != len(scores):
@@ -387,12 +413,17 @@ def nms_reference(boxes, scores, iou_threshold, max_output_size=None, score_thre
 def nms(boxes, scores, iou_threshold, max_output_size, score_threshold=float("-inf")):
     """Fast greedy NMS: ``tf.image.non_max_suppression`` (the path the models use).
 
-    Same rule as ``nms_reference``; works inside ``tf.function``.
+    Same rule as ``nms_reference``, degenerate boxes included: TensorFlow's kernel
+    would sort the corners of a box whose ``ymin > ymax`` (treating it as a real box),
+    so such a box is first collapsed to zero height (width), which the kernel gives
+    IoU 0 like ``nms_reference`` and ``pairwise_iou`` do. Works inside ``tf.function``;
+    the checks cost nothing there when shapes and thresholds are known when tracing
+    (otherwise they are in-graph asserts, no trip to the host).
 
     Args:
         boxes: ``[K, 4]`` yxyx boxes.
         scores: ``[K]`` scores.
-        iou_threshold: overlap above which a lower-scoring box is suppressed.
+        iou_threshold: overlap in [0, 1] above which a lower-scoring box is suppressed.
         max_output_size: keep at most this many.
         score_threshold: boxes scoring at or below this are dropped first.
     Returns:
@@ -401,7 +432,29 @@ def nms(boxes, scores, iou_threshold, max_output_size, score_threshold=float("-i
     boxes = _as_boxes(boxes)
     if boxes.shape.rank is not None and boxes.shape.rank != 2:
         raise ValueError(f"`boxes` must have shape [K, 4], got {boxes.shape}")
-    scores = tf.cast(scores, boxes.dtype)
+    scores = tf.convert_to_tensor(scores)
+    if scores.shape.rank is not None and scores.shape.rank != 1:
+        raise ValueError(f"`scores` must have shape [K] (one score per box), got {scores.shape}")
+    _check_max_output_size(max_output_size)
+    # In-graph asserts for what is unknown when tracing; the NMS waits for them.
+    graph_checks = [_check_iou_threshold(iou_threshold)]
+    num_boxes, num_scores = boxes.shape[0], scores.shape[0]
+    if num_boxes is not None and num_scores is not None:
+        if num_boxes != num_scores:
+            raise ValueError(f"`scores` must have one score per box: `boxes` has {num_boxes} "
+                             f"boxes, `scores` has {num_scores} values")
+    else:
+        graph_checks.append(tf.debugging.assert_equal(
+            tf.shape(scores)[0], tf.shape(boxes)[0],
+            message="`scores` must have one score per box (`scores` [K], `boxes` [K, 4])"))
+    graph_checks = [check for check in graph_checks if check is not None]
+    if graph_checks:
+        with tf.control_dependencies(graph_checks):
+            boxes = tf.identity(boxes)
+    boxes = tf.cast(boxes, tf.float32)
+    ymin, xmin, ymax, xmax = _unstack(boxes)
+    # A swapped corner becomes a zero extent: degenerate, IoU 0 (see the docstring).
+    boxes = tf.stack([ymin, xmin, tf.maximum(ymax, ymin), tf.maximum(xmax, xmin)], axis=-1)
     return tf.image.non_max_suppression(
-        tf.cast(boxes, tf.float32), tf.cast(scores, tf.float32), max_output_size,
+        boxes, tf.cast(scores, tf.float32), max_output_size,
         iou_threshold=iou_threshold, score_threshold=score_threshold)

@@ -65,7 +65,50 @@ def _check_inputs(feature_map, rois):
     if rois.shape.rank is not None and (rois.shape.rank != 3 or rois.shape[-1] not in (None, 4)):
         raise ValueError(
             f"`rois` must be [batch, num_rois, 4] normalized yxyx boxes, got shape {rois.shape}")
-    return feature_map, rois
+    return feature_map, _check_roi_values(rois)
+
+
+# Normalized RoIs are fractions of the image. A box may poke out of the image (an
+# unclipped proposal, a jittered box), but one more than a whole image away cannot
+# cover any feature: such values are pixel coordinates that were never divided by the
+# image size, which would pool zeros (RoIAlign) or the corner cell (RoI pooling).
+ROI_RANGE = (-1.0, 2.0)
+_NOT_FINITE_MESSAGE = "`rois` contains NaN or infinite coordinates"
+_RANGE_MESSAGE = (
+    f"`rois` must be normalized [ymin, xmin, ymax, xmax] boxes (fractions of the image, "
+    f"within [{ROI_RANGE[0]:g}, {ROI_RANGE[1]:g}]); pixel coordinates? divide them by the "
+    f"image height and width (ch05_detection.boxes.to_normalized)")
+
+
+def _check_roi_values(rois):
+    """Clear errors for NaN / infinite RoIs and for pixel instead of normalized ones.
+
+    Eagerly: a ValueError naming the first bad RoI. Inside ``tf.function``: in-graph
+    asserts (no trip to the host; the cost is a few reductions over ``[batch, R, 4]``),
+    and the returned ``rois`` depend on them, so no pooling runs on bad boxes (a NaN
+    would otherwise become a huge gather index).
+    """
+    low, high = ROI_RANGE
+    if tf.executing_eagerly():
+        values = rois.numpy()
+        finite = np.isfinite(values)
+        if not finite.all():
+            index = tuple(int(i) for i in np.argwhere(~finite.all(axis=-1))[0])
+            raise ValueError(f"{_NOT_FINITE_MESSAGE}: RoI {index} is {values[index].tolist()}")
+        inside = (values >= low) & (values <= high)
+        if not inside.all():
+            index = tuple(int(i) for i in np.argwhere(~inside.all(axis=-1))[0])
+            raise ValueError(f"{_RANGE_MESSAGE}; RoI {index} is {values[index].tolist()}")
+        return rois
+    finite_check = tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(rois)),
+                                       [_NOT_FINITE_MESSAGE])
+    with tf.control_dependencies([finite_check]):  # NaN gets its own message first
+        inside = tf.logical_and(rois >= low, rois <= high)
+        range_check = tf.debugging.Assert(
+            tf.reduce_all(inside), [_RANGE_MESSAGE + "; smallest and largest coordinate:",
+                                    tf.reduce_min(rois), tf.reduce_max(rois)])
+    with tf.control_dependencies([range_check]):
+        return tf.identity(rois)
 
 
 # ----------------------------------------------------------------------------------
