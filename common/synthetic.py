@@ -95,8 +95,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return image
 
 
-def _shape_mask(rng, class_id, size, radius, center):
-    """Rasterise one randomly rotated and stretched shape into a 0/1 mask."""
+def _shape_mask(rng, class_id, size, radius, center, with_outline=False):
+    """Rasterise one randomly rotated and stretched shape into a 0/1 mask.
+
+    With ``with_outline`` also returns the outline's vertices [V, 2] (x, y) in
+    pixel coordinates (pixel centres at integers), the ``_UNIT_POLYGONS`` order.
+    """
     aspect = np.exp(rng.uniform(np.log(0.75), np.log(1.33)))
     theta = rng.uniform(0.0, 2.0 * np.pi)
     points = _UNIT_POLYGONS[class_id] * radius * np.array([np.sqrt(aspect), 1 / np.sqrt(aspect)])
@@ -105,7 +109,7 @@ def _shape_mask(rng, class_id, size, radius, center):
     mask = np.zeros((size, size), np.uint8)
     cv2.fillPoly(mask, [np.round(points * (1 << _SHIFT)).astype(np.int32)], 1,
                  lineType=cv2.LINE_8, shift=_SHIFT)
-    return mask
+    return (mask, points) if with_outline else mask
 
 
 def _shape_colour(rng, background_colour):
@@ -230,3 +234,104 @@ def make_segmentation_example(index: int, split: str = "train", seed: int = 0,
     """
     scene = make_scene(index, split, seed, image_size, **scene_options)
     return {"image": scene["image"], "mask": scene["mask"]}
+
+
+# ---------------------------------------------------------------------------
+# Localization and landmarks: zero or one shape per image
+# ---------------------------------------------------------------------------
+# Landmark 0 is the shape's centre; landmarks 1.. are its corners (square,
+# triangle), tips (star) or arm ends (cross), numbered clockwise starting at
+# "12 o'clock" (the first one at or clockwise after straight up), so that the
+# numbering is a function of what the image shows, whatever hidden rotation
+# drew the shape. A circle has its centre only. NUM_LANDMARKS is the largest
+# count (the star's centre + 5 tips); shorter lists are padded and flagged
+# invisible.
+LANDMARK_COUNTS = {"circle": 1, "square": 5, "triangle": 4, "star": 6, "cross": 5}
+NUM_LANDMARKS = max(LANDMARK_COUNTS.values())
+# Which outline vertices (indices into _UNIT_POLYGONS) make each landmark:
+# one index = that vertex, a pair = the midpoint of the two (the cross's arm ends).
+_LANDMARK_VERTICES = {
+    "circle": [],
+    "square": [(0,), (1,), (2,), (3,)],
+    "triangle": [(0,), (1,), (2,)],
+    "star": [(0,), (2,), (4,), (6,), (8,)],  # the outer vertices
+    "cross": [(0, 1), (3, 4), (6, 7), (9, 10)],
+}
+
+
+def _clockwise_from_top(points, center):
+    """``points`` [L, 2] (x, y) sorted clockwise on screen (y points down), starting at straight up."""
+    if len(points) == 0:
+        return points
+    dx, dy = points[:, 0] - center[0], points[:, 1] - center[1]
+    angle = np.mod(np.arctan2(dx, -dy), 2.0 * np.pi)  # 0 = up, pi/2 = right, pi = down
+    return points[np.argsort(angle, kind="stable")]
+
+
+def make_localization_example(index: int, split: str = "train", seed: int = 0,
+                              image_size: int = 64, empty_fraction: float = 0.25) -> dict:
+    """An image with zero or one shape, its box, class and landmark points.
+
+    The data of object localization (one network outputs "is there an
+    object, which class, where is its box") and landmark detection. The
+    shape lies wholly inside the image (every landmark is on the image) and
+    spans 30 to 80 % of its side; the background is the scenes' textured one
+    with distractor lines.
+
+    Args:
+      index, split, seed: as ``make_scene`` (a pure function of the three).
+      image_size: side of the square image in pixels (>= 16).
+      empty_fraction: probability of an image with no shape.
+
+    Returns:
+      dict of NumPy arrays, N = 0 or 1 objects, K = ``NUM_LANDMARKS``:
+
+      * ``image`` float32 [S, S, 3] in [0, 1]
+      * ``boxes`` float32 [N, 4], normalized [ymin, xmin, ymax, xmax] (tight
+        box of the shape's pixels, the detection contract)
+      * ``classes`` int32 [N], 0-based (``CLASS_NAMES``)
+      * ``landmarks`` float32 [N, K, 2], normalized (x, y) in [0, 1], the
+        image's left/top edge at 0 and right/bottom edge at 1 (as the boxes);
+        zeros where not visible
+      * ``landmark_visibility`` int32 [N, K]: 1 for a real landmark, 0 for
+        padding (see ``LANDMARK_COUNTS``)
+    """
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16, got {image_size}")
+    if not 0.0 <= empty_fraction <= 1.0:
+        raise ValueError(f"empty_fraction must be in [0, 1], got {empty_fraction}")
+    rng = _rng(seed, split, index)
+    size = image_size
+    image = _background(rng, size)
+    boxes = np.zeros((0, 4), np.float32)
+    classes = np.zeros((0,), np.int32)
+    landmarks = np.zeros((0, NUM_LANDMARKS, 2), np.float32)
+    visibility = np.zeros((0, NUM_LANDMARKS), np.int32)
+    if rng.random() >= empty_fraction:
+        class_id = int(rng.integers(0, NUM_CLASSES))
+        for _attempt in range(50):  # redraw, a little smaller each time, until wholly inside
+            radius = rng.uniform(0.15, 0.3) * size * 0.98 ** _attempt
+            center = rng.uniform(radius, size - radius, size=2)
+            full, outline = _shape_mask(rng, class_id, size, radius, center, with_outline=True)
+            if outline.min() >= 0.0 and outline.max() <= size - 1.0:
+                break
+        name = CLASS_NAMES[class_id]
+        corners = np.array([outline[list(group)].mean(axis=0) for group in _LANDMARK_VERTICES[name]],
+                           np.float64).reshape(-1, 2)
+        points = np.concatenate([np.asarray(center, np.float64)[None],
+                                 _clockwise_from_top(corners, center)])  # [L, 2] pixel (x, y)
+        colour = _shape_colour(rng, image[int(center[1]), int(center[0])])
+        ramp = np.linspace(-0.5, 0.5, size, dtype=np.float32)[None, :, None]
+        shaded = colour.astype(np.float32) * (1.0 + rng.uniform(-0.3, 0.3) * ramp)
+        inside = full.astype(bool)
+        image[inside] = np.broadcast_to(shaded, image.shape)[inside]
+        rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+        boxes = np.array([[rows[0], cols[0], rows[-1] + 1, cols[-1] + 1]], np.float32) / size
+        classes = np.array([class_id], np.int32)
+        landmarks = np.zeros((1, NUM_LANDMARKS, 2), np.float32)
+        # Pixel centres sit at integers and pixel i covers [i, i + 1) / size, as for the boxes.
+        landmarks[0, :len(points)] = (points + 0.5) / size
+        visibility = np.zeros((1, NUM_LANDMARKS), np.int32)
+        visibility[0, :len(points)] = 1
+    return {"image": _finish(rng, image), "boxes": boxes, "classes": classes,
+            "landmarks": landmarks, "landmark_visibility": visibility}
