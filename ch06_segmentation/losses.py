@@ -56,18 +56,26 @@ def validate_mask_values(mask, num_classes: int, ignore_label: int = IGNORE_LABE
             f"{ignore_label}; found {offending}. Check num_classes (= {num_classes}) or remap the labels.")
 
 
-def validate_segmentation_example(image, mask, num_classes: int, ignore_label: int = IGNORE_LABEL):
-    """ValueError unless ``mask`` [..., H, W] matches ``image`` [..., H, W, C] and has valid labels."""
+def validate_segmentation_example(image, mask, num_classes: int, ignore_label: int = IGNORE_LABEL,
+                                  source: str | None = None):
+    """ValueError unless ``mask`` [..., H, W] matches ``image`` [..., H, W, C] and has valid labels.
+
+    ``source`` (a file name, or e.g. "validation example 12") starts every
+    message, so the user knows which example to fix. Own folders loaded with
+    ``common.data.load`` are already checked file by file as they are read.
+    """
+    prefix = f"{source}: " if source else ""
     image_shape = tuple(np.shape(image))
     mask_shape = tuple(np.shape(mask))
     if len(image_shape) not in (3, 4):
-        raise ValueError(f"image must be [H, W, C] or [batch, H, W, C], got shape {image_shape}")
+        raise ValueError(f"{prefix}image must be [H, W, C] or [batch, H, W, C], got shape "
+                         f"{image_shape}")
     if mask_shape != image_shape[:-1]:
         raise ValueError(
-            f"mask must have the image's height and width: image {image_shape} needs mask "
-            f"{image_shape[:-1]}, got {mask_shape}. Resize the mask with nearest-neighbour "
+            f"{prefix}mask must have the image's height and width: image {image_shape} needs "
+            f"mask {image_shape[:-1]}, got {mask_shape}. Resize the mask with nearest-neighbour "
             "interpolation, never bilinear.")
-    validate_mask_values(mask, num_classes, ignore_label)
+    validate_mask_values(mask, num_classes, ignore_label, name=f"{prefix}mask")
 
 
 def _check_logits_and_labels(y_true, y_pred):

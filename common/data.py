@@ -34,6 +34,10 @@ Try it::
 ``to_supervised`` turns examples into the ``(image, target)`` tuples Keras
 ``fit()`` wants and ``batch_detection`` pads detection examples to a fixed
 number of boxes (padded boxes zeros, padded classes -1).
+``check_segmentation_labels`` counts the pixels of each class and refuses
+segmentation data with a single class (a perfect mean IoU for free); own mask
+folders are checked file by file (binary 0/255 masks, classes.txt, stray
+values: data/README.md, "Mask values").
 """
 
 from __future__ import annotations
@@ -838,61 +842,267 @@ def _voc_index(root, split, bad, keep_difficult):
 
 
 # -- (d) images + masks ------------------------------------------------------
+# Label conventions of a mask folder (data/README.md, "Mask values"):
+# * label masks: 0 = background, 1, 2, ... = classes, 255 = ignore;
+# * binary masks: every mask holds only 0 and 255 (the usual one-object
+#   format): 255 is read as class 1, since under "255 = ignore" such a folder
+#   would have a single class and nothing to learn.
+BINARY_MASK_VALUES = (0, IGNORE_LABEL)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SegmentationLabels:
+    """How a folder's mask values become labels: class names and the binary rule."""
+
+    class_names: tuple
+    binary: bool  # masks hold only 0 and 255: 255 -> 1
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+
 def _read_mask(path):
+    """int32 [H, W] labels; None if unreadable; "colour" if the channels differ."""
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
         return None
     if mask.ndim == 3:
+        mask = mask[..., :3] if mask.shape[2] == 4 else mask  # an alpha channel is no label
         if not all(np.array_equal(mask[..., 0], mask[..., c]) for c in range(1, mask.shape[2])):
             return "colour"
         mask = mask[..., 0]
     return mask.astype(np.int32)
 
 
-def _segmentation_index(root, split, bad, scan_labels=False):
-    base = _split_root(root, split) if not (root / "images").is_dir() else None
-    folder = base if base is not None else root
+_MASK_SCANS = {}  # path -> ((mtime_ns, size), (shape, values) or None)
+
+
+def _scan_mask(path):
+    """((height, width), sorted values) of a mask file, or None if unreadable.
+
+    Cached per file (by modification time and size): get_info and every
+    split's load read each mask only once.
+    """
+    stat = path.stat()
+    key = (stat.st_mtime_ns, stat.st_size)
+    cached = _MASK_SCANS.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    mask = _read_mask(path)
+    scan = None
+    if isinstance(mask, np.ndarray) and mask.size and mask.min() >= 0:
+        # bincount is O(pixels), np.unique would sort them.
+        scan = (mask.shape, tuple(int(v) for v in np.flatnonzero(np.bincount(mask.ravel()))))
+    _MASK_SCANS[path] = (key, scan)
+    return scan
+
+
+def _segmentation_folders(root):
+    """[(split, folder)]: (None, root) for one images/ + masks/ pair (hash split),
+    else one entry per split folder that has images/."""
+    if (root / "images").is_dir():
+        return [(None, root)]
+    return [(split, root / split) for split in SPLITS if (root / split / "images").is_dir()]
+
+
+def _segmentation_pairs(root, folder, split):
+    """(image path, mask path or None) of one folder, restricted to ``split``
+    by the hash when ``split`` is given."""
     image_dir, mask_dir = folder / "images", folder / "masks"
     if not image_dir.is_dir() or not mask_dir.is_dir():
         raise ValueError(f"{folder}: expected images/ and masks/ sub-folders")
     masks_by_stem = {p.stem: p for p in mask_dir.iterdir() if p.is_file()}
-    records, max_label = [], 0
     for path in sorted(p for p in image_dir.iterdir() if _is_image(p)):
-        if base is None and hash_split(path.relative_to(root).as_posix()) != split:
+        if split is not None and hash_split(path.relative_to(root).as_posix()) != split:
             continue
-        mask_path = masks_by_stem.get(path.stem)
+        yield path, masks_by_stem.get(path.stem)
+
+
+def _mask_value_error(mask_path, values, num_classes, reason=""):
+    """The one message for a mask value that is no label: file, values, allowed range."""
+    hint = (" JPEG compression changes label values: save masks as PNG."
+            if mask_path.suffix.lower() in (".jpg", ".jpeg") else "")
+    return ValueError(
+        f"{mask_path}: mask values must be class ids in [0, {num_classes - 1}] or the ignore "
+        f"label {IGNORE_LABEL}; found {[int(v) for v in values][:10]}.{reason}{hint} (Mask values: "
+        "data/README.md)")
+
+
+_NOTED = set()
+
+
+def _note_once(key, message):
+    if key not in _NOTED:
+        _NOTED.add(key)
+        print(message)
+
+
+def _segmentation_labels(root):
+    """Reads every mask of the folder (all splits) once and fixes the label convention.
+
+    Class names come from classes.txt (line i = label i) when present, else
+    from the labels seen, which must then run 0, 1, ..., K-1 without gaps.
+
+    Raises:
+      ValueError: naming the mask file, for a value that is no class (beyond
+        classes.txt, or a stray value above a gap); naming the folder, when
+        the masks hold a single class (a model would score a perfect mean IoU
+        by predicting it everywhere).
+    """
+    names_file = root / "classes.txt"
+    listed = None
+    if names_file.is_file():
+        listed = tuple(line.strip() for line in names_file.read_text().splitlines()
+                       if line.strip())
+        if not listed:
+            raise ValueError(f"{names_file} is empty: expected one class name a line "
+                             "(line i = label i, starting with the background)")
+    folders = _segmentation_folders(root)
+    if not folders:
+        raise ValueError(f"{root}: expected images/ and masks/ sub-folders (or "
+                         "train/images/, train/masks/, ...; data/README.md)")
+    first_file_of = {}  # mask value -> the first mask file holding it
+    for _, folder in folders:
+        for _, mask_path in _segmentation_pairs(root, folder, None):
+            scan = _scan_mask(mask_path) if mask_path is not None else None
+            for value in scan[1] if scan is not None else ():  # unreadable: reported by load
+                first_file_of.setdefault(value, mask_path)
+    values = set(first_file_of)
+
+    if values == set(BINARY_MASK_VALUES):
+        if listed is not None and len(listed) != 2:
+            raise ValueError(
+                f"{root}: every mask holds only 0 and 255, read as binary masks (0 = "
+                f"background, 255 = object), but {names_file.name} lists {len(listed)} "
+                f"classes: list two (background, your object) or give the masks labels "
+                f"0..{len(listed) - 1}")
+        names = listed or ("background", "foreground")
+        _note_once(root, f"note: every mask in {root} holds only 0 and 255: read as binary "
+                         f"masks, 0 = {names[0]}, 255 -> label 1 = {names[1]} "
+                         "(data/README.md, Mask values)")
+        return _SegmentationLabels(tuple(names), binary=True)
+
+    labels = sorted(values - {IGNORE_LABEL})
+    if listed is not None:
+        stray = [value for value in labels if value >= len(listed)]
+        if stray:
+            raise _mask_value_error(first_file_of[stray[0]], stray, len(listed),
+                                    f" {names_file.name} lists {len(listed)} classes.")
+        names = listed
+    else:
+        count = labels[-1] + 1 if labels else 1
+        unused = sorted(set(range(count)) - set(labels))
+        if unused and labels:
+            stray = [value for value in labels if value > unused[0]]
+            raise _mask_value_error(
+                first_file_of[stray[0]], stray, unused[0],
+                f" The masks of {root} hold the labels {labels[:20]}: {unused[0]} never occurs, "
+                f"so {stray[0]} looks like a stray value. If it is a class, list every class "
+                f"name in {names_file} (line i = label i).")
+        names = ("background",) + tuple(f"class_{i}" for i in range(1, count))
+    if len(labels) < 2:
+        seen = f"only label {labels[0]}" if labels else f"no label but {IGNORE_LABEL} (ignore)"
+        raise ValueError(
+            f"{root}: the masks hold {seen} (values seen: {sorted(values)}): a single class, "
+            "so a model that predicts it everywhere would score a perfect mean IoU and learn "
+            "nothing. Masks need background 0 and at least one object label (1, 2, ...), or "
+            "0 and 255 for binary masks (data/README.md, Mask values).")
+    return _SegmentationLabels(tuple(names), binary=False)
+
+
+def _segmentation_index(root, split, bad):
+    folders = dict(_segmentation_folders(root))
+    if None in folders:
+        folder, by_hash = folders[None], split
+    else:
+        folder, by_hash = _split_root(root, split), None
+    records = []
+    for path, mask_path in _segmentation_pairs(root, folder, by_hash):
         if mask_path is None:
-            bad(path, f"no mask with the same name in {mask_dir}")
+            bad(path, f"no mask with the same name in {folder / 'masks'}")
             continue
         shape = _image_shape(path, bad)
         if shape is None:
             continue
-        mask = _read_mask(mask_path)
-        if mask is None or isinstance(mask, str):
+        scan = _scan_mask(mask_path)
+        if scan is None:
             bad(mask_path, "not a readable single-channel label image (integer class per pixel)")
             continue
-        if mask.shape != tuple(shape):
-            bad(mask_path, f"mask is {mask.shape} but its image is {tuple(shape)}")
+        if scan[0] != tuple(shape):
+            bad(mask_path, f"mask is {scan[0]} but its image is {tuple(shape)}")
             continue
-        if scan_labels:
-            labels = mask[mask != IGNORE_LABEL]
-            max_label = max(max_label, int(labels.max()) if labels.size else 0)
         records.append({"path": path, "mask_path": mask_path})
-    return records, max_label
+    return records
 
 
-def _segmentation_class_names(root, bad):
-    names_file = root / "classes.txt"
-    if names_file.is_file():
-        return tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
-    max_label = 0
-    for split in SPLITS:
-        try:
-            _, split_max = _segmentation_index(root, split, bad, scan_labels=True)
-        except ValueError:
-            continue
-        max_label = max(max_label, split_max)
-    return ("background",) + tuple(f"class_{i}" for i in range(1, max_label + 1))
+def _read_labels(mask_path, labels, image_shape):
+    """The mask of one example as the contract wants it, checked as it is read.
+
+    Binary masks get 255 -> 1; every value must be a class id or 255. Raises
+    ValueError naming the file, so a bad label never reaches TensorFlow.
+    """
+    mask = _read_mask(mask_path)
+    if not isinstance(mask, np.ndarray):
+        raise ValueError(f"{mask_path}: not a readable single-channel label image any more "
+                         "(changed since the folder was indexed?)")
+    if mask.shape != tuple(image_shape):
+        raise ValueError(f"{mask_path}: mask is {mask.shape} but its image is "
+                         f"{tuple(image_shape)}")
+    if labels.binary:
+        mask = np.where(mask == IGNORE_LABEL, 1, mask).astype(np.int32)
+    bad = (mask < 0) | ((mask >= labels.num_classes) & (mask != IGNORE_LABEL))
+    if bad.any():
+        raise _mask_value_error(mask_path, np.unique(mask[bad]), labels.num_classes)
+    return mask
+
+
+def check_segmentation_labels(dataset, num_classes, *, what="segmentation data",
+                              class_names=None, max_examples=None):
+    """Pixel count of every class in ``dataset``; refuses labels that cannot be scored.
+
+    Args:
+      dataset: a ``tf.data.Dataset`` of dicts with a ``"mask"`` key or of
+        ``(image, mask)`` tuples, batched or not; masks int [..., H, W].
+      num_classes: classes the model predicts (255 = ignore is not one).
+      what: how to name the data in messages, e.g. "my_folder validation split".
+      class_names: optional names for the message.
+      max_examples: look at the first this many elements only (None: all).
+
+    Returns:
+      int64 [num_classes]: pixels of each class (ignored pixels not counted).
+
+    Raises:
+      ValueError: a value outside [0, num_classes) other than 255; no
+        example; or fewer than two classes present, since then a model that
+        predicts the one class everywhere reaches mean IoU 1.0.
+    """
+    _check_positive(num_classes, "num_classes")
+    if max_examples is not None:
+        dataset = dataset.take(max_examples)
+    counts = np.zeros(num_classes, np.int64)
+    examples = 0
+    for element in dataset.as_numpy_iterator():
+        mask = np.asarray(element["mask"] if isinstance(element, dict) else element[1])
+        bad = (mask < 0) | ((mask >= num_classes) & (mask != IGNORE_LABEL))
+        if bad.any():
+            raise ValueError(
+                f"{what}: mask values must be class ids in [0, {num_classes - 1}] or the "
+                f"ignore label {IGNORE_LABEL}; found {np.unique(mask[bad])[:10].tolist()}")
+        counts += np.bincount(mask[mask != IGNORE_LABEL].ravel(), minlength=num_classes)
+        examples += 1
+    if not examples:
+        raise ValueError(f"{what}: no examples")
+    present = np.flatnonzero(counts)
+    if len(present) < 2:
+        names = class_names or tuple(str(i) for i in range(num_classes))
+        seen = (f"only class {int(present[0])} ({names[present[0]]})" if len(present)
+                else f"no pixel that counts (all {IGNORE_LABEL} = ignore)")
+        raise ValueError(
+            f"{what}: the masks hold {seen} in {examples} examples: a single class, so a model "
+            "that predicts it everywhere would score a perfect mean IoU. Use data with "
+            "background and at least one object class (data/README.md, Mask values).")
+    return counts
 
 
 def _folder_kind(root, task):
@@ -922,7 +1132,8 @@ def _load_folder(root, split, task, image_size, num_examples, with_masks, channe
     elif kind == "voc":
         _, records = _voc_index(root, split, bad, keep_difficult)
     else:
-        records, _ = _segmentation_index(root, split, bad)
+        labels = _segmentation_labels(root)
+        records = _segmentation_index(root, split, bad)
     if not records:
         raise ValueError(f"{root}: no usable examples for split {split!r} (layouts and the "
                          "80/10/10 hash split are described in data/README.md)")
@@ -943,10 +1154,14 @@ def _load_folder(root, split, task, image_size, num_examples, with_masks, channe
             # Every file was decoded once while indexing; OpenCV decodes it
             # again here, so what was checked is exactly what is used.
             example = {"image": _read_image(record["path"])}
+            if example["image"] is None:
+                raise ValueError(f"{record['path']}: not a readable image any more "
+                                 "(changed since the folder was indexed?)")
             if kind == "classification":
                 example["label"] = np.int32(record["label"])
-            elif kind == "segmentation":
-                example["mask"] = _read_mask(record["mask_path"])
+            elif kind == "segmentation":  # checked here, so the error names the file
+                example["mask"] = _read_labels(record["mask_path"], labels,
+                                               example["image"].shape[:2])
             else:
                 example["boxes"], example["classes"] = record["boxes"], record["classes"]
             yield example
@@ -1034,7 +1249,8 @@ def get_info(name, data_dir=None, task=None) -> DatasetInfo:
     """Task, number of classes, class names and native size, without loading images.
 
     For a folder the folder is indexed (class folders / annotations read; for
-    segmentation without classes.txt every mask is scanned for its largest label).
+    segmentation every mask is read once to check its values against classes.txt,
+    or to count the labels without it; see data/README.md, Mask values).
     """
     del data_dir  # class lists are known offline; kept for symmetry with load()
     if isinstance(name, str) and name in _DEFAULT_TASKS:
@@ -1075,9 +1291,7 @@ def get_info(name, data_dir=None, task=None) -> DatasetInfo:
         elif kind == "voc":
             names = _voc_class_names(_parse_voc_folder(root, _BadData(strict=False)))
         else:
-            with warnings.catch_warnings():  # load() reports bad files; get_info stays quiet
-                warnings.simplefilter("ignore", BadDataWarning)
-                names = _segmentation_class_names(root, _BadData(strict=False))
+            names = _segmentation_labels(root).class_names
         task = "detection" if kind in ("coco", "voc") else kind
         return DatasetInfo(str(root), task, len(names), tuple(names), None)
     raise _unknown_name_error(name)
