@@ -25,7 +25,9 @@ stride).
 Shapes: ``feature_map [batch, H, W, C]``, ``rois [batch, R, 4]`` ->
 ``[batch, R, pool_height, pool_width, C]``. ``R`` may differ from call to call, also
 under ``tf.function``; padded (all-zero) RoIs are harmless, their output is ignored by
-the caller.
+the caller. RoIs with NaN / infinite coordinates, or outside ``ROI_RANGE`` (pixel
+coordinates passed by mistake), are refused with a ValueError (an in-graph assert
+under ``tf.function``) instead of pooling zeros.
 
 Run the tests: ``python -m pytest -q tests/test_ch05_roi_ops.py``.
 """
