@@ -327,7 +327,8 @@ def test_failed_download_names_the_embedded_alternative(monkeypatch, name, alter
         data.load(name)
     assert isinstance(error.value, data.DatasetUnavailableError)
     assert f"load({alternative!r}" in str(error.value)
-    assert "data_dir" in str(error.value)
+    assert f"`--dataset {alternative}`" in str(error.value)  # the flag a script takes
+    assert "download failed" in str(error.value) and "data_dir" in str(error.value)
 
 
 # ---------------------------------------------------------------------------
