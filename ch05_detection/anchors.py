@@ -219,3 +219,19 @@ class AnchorGenerator(keras.layers.Layer):
             broadcast_to_batch=self.broadcast_to_batch,
         )
         return config
+
+
+# The anchor sizes of the chapter's default run, in pixels of a 128x128 image: shapes are ~20 to
+# ~56 px, so 24 / 48 / 72 px anchors (x 3 aspect ratios) cover them with IoU >= 0.5. The largest is 72,
+# not 96: a 72 px anchor of aspect 2 (102 x 51 px) still lies inside the image at some positions,
+# and anchors that cross the border are not trained (Ren et al. 2015, sec. 3.3).
+BASE_IMAGE_SIZE = 128
+BASE_ANCHOR_SCALES = (24.0, 48.0, 72.0)
+
+
+def anchor_scales_for(image_size, base_scales=BASE_ANCHOR_SCALES, base_image_size=BASE_IMAGE_SIZE):
+    """Anchor sizes in pixels for square images of ``image_size``: the base scales grown with the image
+    (objects of the embedded data take the same fraction of any image size)."""
+    if image_size <= 0:
+        raise ValueError(f"image_size must be > 0, got {image_size}")
+    return tuple(float(s) * image_size / base_image_size for s in base_scales)

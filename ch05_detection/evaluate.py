@@ -489,3 +489,41 @@ def coco_map_with_pycocotools(gt_json_path, det_json_path, verbose=False):
         print(output.getvalue())
     stats = evaluator.stats
     return {"map": float(stats[0]), "map50": float(stats[1]), "map75": float(stats[2])}
+
+
+# ----------------------------------------------------------------------------------
+# Running a detector over examples (shared by the training scripts and the notebooks)
+# ----------------------------------------------------------------------------------
+def ground_truth_list(examples):
+    """The ground truth of a list of detection examples as evaluate_detections takes it:
+    one dict per image with ``boxes`` [N, 4] (normalized yxyx) and ``classes`` [N]."""
+    return [{"boxes": np.asarray(e["boxes"], np.float32).reshape(-1, 4),
+             "classes": np.asarray(e["classes"], np.int32).reshape(-1)} for e in examples]
+
+
+def run_detection(model, examples, batch_size=16, progress=False):
+    """Detections of any chapter-5 detector (anything with ``detect(images)``) for a list of examples.
+
+    Returns one dict per image with ``boxes`` [D, 4], ``classes`` [D] and ``scores`` [D] (the padded
+    rows of ``detect`` removed). ``progress=True`` shows a progress bar.
+    """
+    if not examples:
+        return []
+    detections = []
+    bar = None
+    if progress:
+        import keras
+
+        bar = keras.utils.Progbar(len(examples), unit_name="image")
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        output = model.detect(np.stack([example["image"] for example in chunk]), batch_size=batch_size)
+        scores = output["scores"] if "scores" in output else output["confidence"]
+        for i in range(len(chunk)):
+            n = int(output["num_detections"][i])
+            detections.append({"boxes": np.asarray(output["boxes"][i, :n]),
+                               "classes": np.asarray(output["classes"][i, :n]),
+                               "scores": np.asarray(scores[i, :n])})
+        if bar is not None:
+            bar.update(min(start + batch_size, len(examples)))
+    return detections

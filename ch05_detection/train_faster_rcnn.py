@@ -3,31 +3,32 @@
 Ren, He, Girshick and Sun 2015, "Faster R-CNN". With no arguments this script trains
 the chapter's model (ResNet-small backbone at stride 8, 9 anchors per location,
 RoIAlign 7x7, a 2-layer fully connected head) on 128x128 ``shapes`` scenes with
-approximate joint training, on a CPU in about 12 minutes, then evaluates it on the
-held-out validation split (VOC mAP@0.5 and COCO mAP@[.5:.95], with our
+approximate joint training, on a CPU within its 12.5-minute time budget, then evaluates
+it on the held-out validation split (VOC mAP@0.5 and COCO mAP@[.5:.95], with our
 ``evaluate.py`` and cross-checked with pycocotools) and draws pictures.
 
 Run from the repo root::
 
     python ch05_detection/train_faster_rcnn.py                 # the default run
     python ch05_detection/train_faster_rcnn.py --fast          # seconds, tiny sizes
-    python ch05_detection/train_faster_rcnn.py --schedule alternating   # 4-step training
+    python ch05_detection/train_faster_rcnn.py --schedule alternating   # the paper's 4 steps
+    python ch05_detection/train_faster_rcnn.py --backbone-weights runs/train_classifier/model.keras
     python ch05_detection/train_faster_rcnn.py --dataset voc/2007 --backbone resnet50 \
         --image-size 512 --output-stride 16
+    python ch05_detection/train_faster_rcnn.py --strategy mirrored      # all local GPUs
 
-Re-running with the same ``--out`` resumes from the last finished epoch (and only
-evaluates when training is complete). Output in ``--out`` (default
+Everything around ``fit`` is ``common/training.py``: re-running with the same ``--out``
+resumes exactly where a killed run stopped (weights, Adam's moments, stage, data order),
+and a finished run is not trained again. Output in ``--out`` (default
 ``runs/train_faster_rcnn/``): ``config.json``, ``metrics.json``,
 ``val_ground_truth.json`` and ``val_detections.json`` (COCO format),
 ``detections.png`` (ground truth beside detections), ``proposals.png`` (RPN proposals
-before and after NMS), ``pr_curves.png``, ``faster_rcnn.keras``, ``logs/``
-(TensorBoard) and ``checkpoints/``.
+before and after NMS), ``pr_curves.png``, ``history.png``, ``faster_rcnn.keras`` (load it
+with ``ch05_detection.load_model``), ``logs/`` (TensorBoard) and ``checkpoint/``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import sys
 import time
@@ -39,22 +40,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ch04_classification.models import BACKBONE_NAMES
+from ch05_detection import anchors as anchor_ops
 from ch05_detection import evaluate
-from ch05_detection.faster_rcnn import ALTERNATING_SCHEDULE, FasterRCNN
-from common import callbacks as common_callbacks
-from common import config as common_config
+from ch05_detection.faster_rcnn import ALTERNATING_SCHEDULE, FasterRCNN, load_backbone_weights
 from common import data as common_data
-from common import viz
-
-# The anchor sizes of the default run, in pixels of a 128x128 image: shapes are ~20 to
-# ~56 px, so 24 / 48 / 96 px anchors (x 3 aspect ratios) cover them with IoU >= 0.5.
-# For other image sizes the anchors scale with the image.
-BASE_IMAGE_SIZE = 128
-BASE_ANCHOR_SCALES = (24.0, 48.0, 96.0)
+from common import training, viz
 
 
 @dataclass
-class Config:
+class Config(training.TrainingConfig):
     """Train Faster R-CNN (Ren et al. 2015) and evaluate it on the validation split."""
 
     dataset: str = field(default="shapes", metadata={
@@ -62,12 +57,14 @@ class Config:
     data_dir: str = field(default="", metadata={
         "help": "tensorflow-datasets folder ('' = default)"})
     backbone: str = field(default="resnet_small", metadata={
-        "help": "chapter-4 backbone",
-        "choices": ["resnet_small", "resnet50", "vgg16", "mobilenet_v2"]})
+        "help": "chapter-4 backbone", "choices": BACKBONE_NAMES})
     backbone_width: int = field(default=32, metadata={
         "help": "resnet_small only: channels of its first stage (doubling per stage)"})
-    output_stride: int = field(default=8, metadata={"help": "backbone stride (8 or 16)"})
-    image_size: int = field(default=128, metadata={"help": "square input size in pixels"})
+    backbone_weights: str = field(default="", metadata={
+        "help": "initialise the backbone from a chapter-4 classifier's model.keras "
+                "(train_classifier.py; the paper's ImageNet start in miniature; '' = random)"})
+    output_stride: int = field(default=8, metadata={"help": "backbone stride", "choices": (8, 16)})
+    image_size: int = field(default=128, metadata={"help": "square input size in pixels (>= 64, a multiple of 32)"})
     roi_op: str = field(default="align", metadata={
         "help": "RoI feature op", "choices": ["align", "pool"]})
     schedule: str = field(default="joint", metadata={
@@ -77,25 +74,42 @@ class Config:
         "help": "detection head", "choices": ["dense", "conv"]})
     epochs: int = field(default=12, metadata={
         "help": "training epochs (alternating: per step, rounded up from epochs / 4)"})
-    batch_size: int = field(default=16, metadata={"help": "images per batch"})
+    batch_size: int = field(default=16, metadata={"help": "images per step, over all replicas"})
     learning_rate: float = field(default=2e-3, metadata={"help": "peak Adam learning rate"})
-    warmup_steps: int = field(default=200, metadata={"help": "linear warm-up steps"})
-    train_examples: int = field(default=4000, metadata={"help": "training images (0 = all)"})
-    val_examples: int = field(default=500, metadata={"help": "validation images (0 = all)"})
+    warmup_epochs: float = field(default=0.8, metadata={"help": "linear warm-up over this many epochs"})
+    num_train_examples: int = field(default=4000, metadata={"help": "training images (0 = all)"})
+    num_val_examples: int = field(default=500, metadata={"help": "validation images (0 = all)"})
     max_boxes: int = field(default=32, metadata={"help": "objects per image kept in a batch"})
-    rois_per_image: int = field(default=64, metadata={"help": "sampled RoIs per image (25% fg)"})
+    rois_per_image: int = field(default=64, metadata={"help": "sampled RoIs per image (a quarter foreground)"})
+    flip: bool = field(default=True, metadata={"help": "random horizontal flips in the train step"})
+    sync_batchnorm: bool = field(default=False, metadata={
+        "help": "batch statistics over all replicas (BatchNormalization(synchronized=True))"})
     time_budget_minutes: float = field(default=12.5, metadata={
-        "help": "stop (with a shortened LR decay) after the last epoch that fits (0 = off)"})
+        "help": "end after the last epoch that fits (LR decay shortened to match; 0 = off)"})
     eval_every: int = field(default=2, metadata={
         "help": "val mAP@0.5 on a subset every N epochs (0 = off)"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    out: str = field(default="runs/train_faster_rcnn", metadata={"help": "output folder"})
-    fast: bool = field(default=False, metadata={
-        "help": "tiny sizes for a smoke run (or CVTF_FAST=1)"})
+    out: str = field(default="runs/train_faster_rcnn", metadata={"help": "output folder; re-run to resume"})
 
-    FAST: ClassVar[dict] = {"epochs": 1, "image_size": 64, "batch_size": 4, "train_examples": 16,
-                            "val_examples": 8, "backbone_width": 8, "rois_per_image": 16,
-                            "warmup_steps": 2, "eval_every": 1}
+    FAST: ClassVar[dict] = {"epochs": 1, "image_size": 64, "batch_size": 4, "num_train_examples": 16,
+                            "num_val_examples": 8, "backbone_width": 8, "rois_per_image": 16,
+                            "warmup_epochs": 0.5, "eval_every": 1, "time_budget_minutes": 0.0}
+
+
+def check_config(config):
+    """ValueErrors naming the flag, before any data is loaded."""
+    if config.image_size < 64 or config.image_size % 32:
+        raise ValueError(f"--image-size must be a multiple of 32 and >= 64, got {config.image_size}")
+    for name in ("num_train_examples", "num_val_examples"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 = all), got {getattr(config, name)}")
+    for name in ("max_boxes", "rois_per_image", "backbone_width"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    if config.eval_every < 0:
+        raise ValueError(f"--eval-every must be >= 0, got {config.eval_every}")
+    if config.backbone_weights and not Path(config.backbone_weights).is_file():
+        raise ValueError(f"--backbone-weights: no file {config.backbone_weights!r} (expected the "
+                         f"model.keras that ch04_classification/train_classifier.py writes)")
 
 
 # ----------------------------------------------------------------------------------
@@ -112,24 +126,6 @@ def load_split(config, split, num_examples):
     return common_data.load(config.dataset, split, **options)
 
 
-def make_datasets(config):
-    """(train batches, validation batches, list of validation examples as NumPy)."""
-    train = load_split(config, "train", config.train_examples)
-    validation = load_split(config, "validation", config.val_examples)
-    # The shapes scenes are generated on the CPU: cache them once (4000 x 128² x 3 floats
-    # ~ 800 MB would be too much, so cache as uint8).
-    train = train.map(_to_uint8).cache()
-    train = train.shuffle(2048, seed=config.seed, reshuffle_each_iteration=True).map(_to_float)
-    train = common_data.batch_detection(train, config.batch_size, config.max_boxes,
-                                        drop_remainder=True).prefetch(2)
-    val_examples = [{k: v.numpy() for k, v in example.items()} for example in validation]
-    val_batches = common_data.batch_detection(
-        tf.data.Dataset.from_generator(
-            lambda: iter(val_examples), output_signature=validation.element_spec),
-        config.batch_size, config.max_boxes)
-    return train, val_batches, val_examples
-
-
 def _to_uint8(example):
     example = dict(example)
     example["image"] = tf.cast(tf.round(tf.clip_by_value(example["image"], 0, 1) * 255), tf.uint8)
@@ -142,106 +138,49 @@ def _to_float(example):
     return example
 
 
-def count_batches(dataset):
-    return int(sum(1 for _ in dataset))
+def make_datasets(config):
+    """(training examples cached as uint8, their count, list of validation examples as NumPy)."""
+    # 4000 x 128² x 3 floats would be ~800 MB: cache the generated scenes as uint8.
+    train = load_split(config, "train", config.num_train_examples).map(_to_uint8).cache()
+    progress = keras.utils.Progbar(config.num_train_examples or None, unit_name="image")
+    count = 0
+    for count, _ in enumerate(train, start=1):  # fills the cache once, with progress
+        if count % 100 == 0:
+            progress.update(count)
+    progress.update(count, finalize=True)
+    val_examples = [{k: v.numpy() for k, v in example.items()}
+                    for example in load_split(config, "validation", config.num_val_examples)]
+    return train, count, val_examples
+
+
+def train_batches(config, train, first_epoch, epochs):
+    """Padded batches for epochs [first_epoch, epochs), each epoch's order fixed by (seed, epoch)."""
+    return training.epoch_batches(
+        train, config.batch_size, first_epoch, epochs, seed=config.seed, shuffle_buffer=2048,
+        batch_fn=lambda examples, epoch: common_data.batch_detection(
+            examples.map(_to_float), config.batch_size, config.max_boxes, drop_remainder=True))
 
 
 # ----------------------------------------------------------------------------------
 # model
 # ----------------------------------------------------------------------------------
-def build_model(config, num_classes):
-    scale = config.image_size / BASE_IMAGE_SIZE
+def build_model(config, num_classes, class_names):
     backbone_options = {}
     if config.backbone == "resnet_small":
         width = config.backbone_width
         backbone_options = {"filters": [width, 2 * width, 4 * width, 8 * width]}
-    return FasterRCNN(
-        num_classes, image_size=(config.image_size, config.image_size), backbone=config.backbone,
-        output_stride=config.output_stride, backbone_options=backbone_options,
-        anchor_scales=tuple(s * scale for s in BASE_ANCHOR_SCALES), roi_op=config.roi_op,
-        head_type=config.head_type, rois_per_image=config.rois_per_image,
-        rpn_min_size=2.0 * scale, name="faster_rcnn")
-
-
-@keras.saving.register_keras_serializable(package="ch05_detection")
-class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to ``peak`` then cosine decay to ``peak * alpha`` at ``total_steps``.
-
-    ``total_steps`` is a variable, so the time-budget callback can shorten the run (and
-    still end the decay on time) without retracing the training step.
-    """
-
-    def __init__(self, peak, total_steps, warmup_steps=0, alpha=0.02):
-        self.peak, self.warmup_steps, self.alpha = float(peak), int(warmup_steps), float(alpha)
-        self.total_steps = tf.Variable(float(total_steps), trainable=False, dtype=tf.float32)
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        warmup = tf.constant(float(self.warmup_steps))
-        warm = self.peak * (step + 1.0) / tf.maximum(warmup, 1.0)
-        progress = tf.clip_by_value((step - warmup) / tf.maximum(self.total_steps - warmup, 1.0),
-                                    0.0, 1.0)
-        cosine_factor = 0.5 * (1 + tf.cos(math.pi * progress))
-        cosine = self.peak * (self.alpha + (1 - self.alpha) * cosine_factor)
-        return tf.where(step < warmup, warm, cosine)
-
-    def get_config(self):
-        return {"peak": self.peak, "total_steps": float(self.total_steps.numpy()),
-                "warmup_steps": self.warmup_steps, "alpha": self.alpha}
-
-
-def make_optimizer(config, total_steps):
-    warmup = max(0, min(config.warmup_steps, total_steps // 2))
-    schedule = WarmupCosine(config.learning_rate, total_steps, warmup)
-    # Gradient clipping keeps the first steps (random proposals) from exploding.
-    return keras.optimizers.Adam(schedule, global_clipnorm=10.0), schedule
-
-
-class TimeBudget(keras.callbacks.Callback):
-    """Stop after the last epoch that fits in ``budget_seconds`` (measured per epoch), and
-    shorten the learning-rate decay to match, so a slow or busy machine still finishes
-    on time with a fully decayed learning rate."""
-
-    def __init__(self, budget_seconds, schedule, steps_per_epoch, planned_epochs, state):
-        super().__init__()
-        self.budget, self.schedule = budget_seconds, schedule
-        self.steps_per_epoch, self.planned_epochs = steps_per_epoch, planned_epochs
-        self.state = state
-        self.last_epoch = planned_epochs
-
-    def on_epoch_end(self, epoch, logs=None):
-        done = epoch + 1
-        used = self.state["train_seconds"]
-        per_epoch = used / max(1, self.state["epochs_total"])
-        affordable = done + int((self.budget - used) // max(per_epoch, 1e-6))
-        if affordable < self.last_epoch:
-            self.last_epoch = max(done, affordable)
-            self.schedule.total_steps.assign(float(self.last_epoch * self.steps_per_epoch))
-            print(f"time budget: stopping after epoch {self.last_epoch} of {self.planned_epochs} "
-                  f"({per_epoch:.0f} s per epoch, {self.budget:.0f} s budget)")
-        if done >= self.last_epoch:
-            self.model.stop_training = True
-
-
-# ----------------------------------------------------------------------------------
-# evaluation
-# ----------------------------------------------------------------------------------
-def run_detection(model, examples, batch_size=16):
-    """Detections for a list of examples: list of dicts boxes / classes / scores."""
-    images = np.stack([example["image"] for example in examples]) if examples else \
-        np.zeros((0,) + model.image_size + (3,), np.float32)
-    output = model.detect(images, batch_size=batch_size)
-    detections = []
-    for i in range(len(examples)):
-        n = int(output["num_detections"][i])
-        detections.append({"boxes": output["boxes"][i, :n], "classes": output["classes"][i, :n],
-                           "scores": output["scores"][i, :n]})
-    return detections
-
-
-def ground_truth_list(examples):
-    return [{"boxes": np.asarray(e["boxes"], np.float32).reshape(-1, 4),
-             "classes": np.asarray(e["classes"], np.int32).reshape(-1)} for e in examples]
+    scales = anchor_ops.anchor_scales_for(config.image_size)
+    model = FasterRCNN(
+        num_classes, class_names=tuple(class_names), image_size=(config.image_size, config.image_size),
+        backbone=config.backbone, output_stride=config.output_stride, backbone_options=backbone_options,
+        synchronized_batch_norm=config.sync_batchnorm, schedule=config.schedule,
+        anchor_scales=scales, roi_op=config.roi_op, head_type=config.head_type,
+        rois_per_image=config.rois_per_image, rpn_min_size=2.0 * config.image_size / anchor_ops.BASE_IMAGE_SIZE,
+        flip_augment=config.flip, seed=config.seed, name="faster_rcnn")
+    if config.backbone_weights:
+        copied = load_backbone_weights(model, config.backbone_weights)
+        print(f"backbone initialised from {config.backbone_weights} ({len(copied)} layers)")
+    return model
 
 
 class MapCallback(keras.callbacks.Callback):
@@ -254,44 +193,10 @@ class MapCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or (epoch + 1) % self.every:
             return
-        detections = run_detection(self.model, self.examples)
-        result = evaluate.evaluate_detections(ground_truth_list(self.examples), detections,
+        detections = evaluate.run_detection(self.model, self.examples)
+        result = evaluate.evaluate_detections(evaluate.ground_truth_list(self.examples), detections,
                                               num_classes=self.num_classes)
         logs["val_map50"] = float(result["map50"])
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves weights + progress after every epoch, so a re-run resumes (see ``train``)."""
-
-    def __init__(self, directory, stage, state):
-        super().__init__()
-        self.directory, self.stage, self.state = Path(directory), stage, state
-        self._start = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.state["train_seconds"] += time.perf_counter() - self._start
-        self.state["epochs_total"] = self.state.get("epochs_total", 0) + 1
-        self.state["stage_epochs"][self.stage] = epoch + 1
-        save_checkpoint(self.model, self.directory, self.state)
-
-
-def save_checkpoint(model, directory, state):
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_weights(directory / "latest.weights.h5")
-    (directory / "state.json").write_text(json.dumps(state, indent=2))
-
-
-def load_checkpoint(model, directory):
-    """The saved progress (and weights loaded into ``model``), or None."""
-    directory = Path(directory)
-    if not (directory / "state.json").exists() or not (directory / "latest.weights.h5").exists():
-        return None
-    model.load_weights(directory / "latest.weights.h5")
-    return json.loads((directory / "state.json").read_text())
 
 
 def stage_plan(config):
@@ -302,51 +207,39 @@ def stage_plan(config):
     return [(stage, per_step) for stage in ALTERNATING_SCHEDULE]
 
 
-def train(model, config, train_batches, val_batches, val_examples, num_classes, out):
-    """Run the schedule's stages, resuming from ``out/checkpoints``; returns the state."""
-    checkpoint_dir = out / "checkpoints"
+def train(run, model, train, num_train, val_examples, num_classes):
+    """Run the schedule's stages on the harness (each resumable); returns nothing."""
+    config = run.config
     plan = stage_plan(config)
-    state = load_checkpoint(model, checkpoint_dir)
-    if state is None:
-        # stage_epochs: epochs done per stage; finished: stages stopped for good.
-        state = {"stage_epochs": {}, "finished": [], "train_seconds": 0.0, "epochs_total": 0}
-    else:
-        print(f"resuming from {checkpoint_dir}: epochs done per stage {state['stage_epochs']}, "
-              f"{state['train_seconds']:.0f} s of training so far")
-    steps_per_epoch = count_batches(train_batches)
+    steps_per_epoch = num_train // config.batch_size
+    if steps_per_epoch < 1:
+        training.fail(f"{num_train} training images are fewer than one batch of --batch-size "
+                      f"{config.batch_size}; lower --batch-size or add images")
     eval_subset = val_examples[:min(len(val_examples), 200)]
-    for stage_index, (stage, epochs) in enumerate(plan):
-        initial_epoch = state["stage_epochs"].get(stage, 0)
-        if initial_epoch >= epochs or stage in state["finished"]:
+    names = {"loss": "loss", "rpn cls": "rpn_class_loss", "rpn box": "rpn_box_loss",
+             "head cls": "head_class_loss", "head box": "head_box_loss", "val mAP50": "val_map50"}
+    budget = 60.0 * config.time_budget_minutes
+    for index, (stage, epochs) in enumerate(plan):
+        if run.stage_finished(stage, epochs):
             continue  # done in an earlier run
-        print(f"stage {stage_index + 1}/{len(plan)}: {stage} ({epochs} epochs, "
-              f"{steps_per_epoch} steps each)")
+        print(f"stage {index + 1}/{len(plan)}: {stage} ({epochs} epochs of {steps_per_epoch} steps)")
         model.set_training_stage(stage)
-        optimizer, schedule = make_optimizer(config, epochs * steps_per_epoch)
-        # No XLA: NMS and the per-image map_fn do not compile well on the CPU.
-        model.compile(optimizer=optimizer, jit_compile=False)
-        optimizer.iterations.assign(initial_epoch * steps_per_epoch)  # resume the LR schedule
-        names = {"loss": "loss", "rpn cls": "rpn_class_loss", "rpn box": "rpn_box_loss",
-                 "head cls": "head_class_loss", "head box": "head_box_loss",
-                 "val mAP50": "val_map50"}
-        callbacks = [EpochCheckpoint(checkpoint_dir, stage, state)]
-        if config.time_budget_minutes > 0:
-            remaining_stages = len(plan) - stage_index
-            budget = state["train_seconds"] + (60 * config.time_budget_minutes
-                                               - state["train_seconds"]) / remaining_stages
-            callbacks.append(TimeBudget(budget, schedule, steps_per_epoch,
-                                        epochs, state))
+        with run.strategy.scope():
+            # Gradient clipping keeps the first steps (random proposals) from exploding.
+            model.compile(optimizer=run.optimizer(steps_per_epoch, "adam", epochs=epochs, clipnorm=10.0,
+                                                  alpha=0.02),
+                          jit_compile=False)  # NMS and the per-image sampling do not compile on the CPU
+        callbacks = []
         if config.eval_every and stage in ("joint", "detector", "detector_finetune"):
             callbacks.append(MapCallback(eval_subset, num_classes, config.eval_every))
-        callbacks += [common_callbacks.SimpleLogCallback(names, epochs),
-                      *common_callbacks.epoch_log_callbacks(out / "logs" / stage, f"{stage}.csv")]
-        model.fit(train_batches, epochs=epochs, initial_epoch=initial_epoch,
-                  callbacks=callbacks, verbose=0)
-        if state["stage_epochs"].get(stage, 0) < epochs:  # stopped by the time budget
-            state["finished"].append(stage)
-        save_checkpoint(model, checkpoint_dir, state)
-    model.set_training_stage("joint")
-    return state
+        # Each remaining stage gets an equal share of what is left of the budget.
+        spent = run.state["train_seconds"]
+        share = (run.state["stage_seconds"].get(stage, 0.0)
+                 + max(0.0, budget - spent) / (len(plan) - index)) if budget else 0.0
+        run.fit(model, lambda first_epoch, e=epochs: train_batches(config, train, first_epoch, e),
+                steps_per_epoch, stage=stage, epochs=epochs, budget_seconds=share, log_keys=names,
+                callbacks=callbacks)
+    model.set_training_stage(plan[-1][0] if config.schedule == "alternating" else "joint")
 
 
 # ----------------------------------------------------------------------------------
@@ -413,33 +306,31 @@ def draw_proposals(model, examples, save_path, count=4):
 # main
 # ----------------------------------------------------------------------------------
 def main(argv=None):
-    config = common_config.parse_config(Config, argv)
-    keras.utils.set_random_seed(config.seed)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    common_config.save_config(config, out)
-    info = common_data.get_info(config.dataset, data_dir=config.data_dir or None,
-                                task="detection")
+    run = training.start_run(Config, argv, check=check_config, description=__doc__.split("\n")[0])
+    config, out = run.config, run.out
+    info = common_data.get_info(config.dataset, data_dir=config.data_dir or None, task="detection")
     num_classes, class_names = info.num_classes, tuple(info.class_names)
     print(f"Faster R-CNN on {config.dataset} ({num_classes} classes), backbone {config.backbone}, "
-          f"{config.image_size}px, schedule {config.schedule}, out {out}")
+          f"{config.image_size}px, schedule {config.schedule}, {run.replicas} replica(s), out {out}")
 
     start = time.perf_counter()
-    train_batches, val_batches, val_examples = make_datasets(config)
-    print(f"data ready in {time.perf_counter() - start:.1f} s "
-          f"({len(val_examples)} validation images)")
-    model = build_model(config, num_classes)
+    train_examples, num_train, val_examples = make_datasets(config)
+    print(f"data ready in {time.perf_counter() - start:.1f} s ({num_train} training, "
+          f"{len(val_examples)} validation images)")
+    with run.strategy.scope():
+        model = build_model(config, num_classes, class_names)
     print(f"model: {model.count_params():,} parameters, feature map {model.feature_size}, "
           f"{model.anchors.shape[0]} anchors")
 
-    state = train(model, config, train_batches, val_batches, val_examples, num_classes, out)
+    train(run, model, train_examples, num_train, val_examples, num_classes)
     model_path = out / "faster_rcnn.keras"
     model.save(model_path)
 
     # Evaluation on the whole validation split, with our evaluate.py and pycocotools.
     eval_start = time.perf_counter()
-    detections = run_detection(model, val_examples, config.batch_size)
-    ground_truth = ground_truth_list(val_examples)
+    print(f"evaluating on {len(val_examples)} validation images ...")
+    detections = evaluate.run_detection(model, val_examples, config.batch_size, progress=True)
+    ground_truth = evaluate.ground_truth_list(val_examples)
     result = evaluate.evaluate_detections(ground_truth, detections, num_classes=num_classes)
     gt_path, det_path = out / "val_ground_truth.json", out / "val_detections.json"
     evaluate.to_coco_json(ground_truth, detections,
@@ -453,20 +344,17 @@ def main(argv=None):
                                      out / "detections.png")
     draw_proposals(model, val_examples, out / "proposals.png")
 
-    metrics = {
+    metrics = run.finish({
         "val_map50": float(result["map50"]), "val_map": float(result["map"]),
         "val_voc_map50": float(result["voc_map50"]), "val_map75": float(result["map75"]),
-        "pycocotools_map50": float(coco["map50"]), "pycocotools_map": float(coco["map"]),
-        "train_seconds": round(float(state["train_seconds"]), 1),
-        "epochs": int(state.get("epochs_total", 0)),
+        "val_pycocotools_map50": float(coco["map50"]), "val_pycocotools_map": float(coco["map"]),
         "planned_epochs": int(sum(epochs for _, epochs in stage_plan(config))),
         "schedule": config.schedule, "eval_seconds": round(time.perf_counter() - eval_start, 1),
-        "val_images": len(val_examples),
-    }
-    common_config.write_metrics(metrics, out)
+        "num_train_examples": num_train, "num_val_examples": len(val_examples),
+    }, model=model, history_keys=["loss", "map50"])
     print(f"\nSummary: val mAP@0.5 {metrics['val_map50']:.4f} (pycocotools "
-          f"{metrics['pycocotools_map50']:.4f}), mAP@[.5:.95] {metrics['val_map']:.4f} "
-          f"(pycocotools {metrics['pycocotools_map']:.4f}), training "
+          f"{metrics['val_pycocotools_map50']:.4f}), mAP@[.5:.95] {metrics['val_map']:.4f} "
+          f"(pycocotools {metrics['val_pycocotools_map']:.4f}), training "
           f"{metrics['train_seconds']:.0f} s for {metrics['epochs']} epochs. Outputs in {out}/")
     return metrics
 

@@ -33,25 +33,22 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from common import data, viz
-from common.callbacks import SimpleLogCallback, epoch_log_callbacks
-from common.config import parse_config, save_config, write_metrics
+from common import data, training, viz
 from ch06_segmentation import losses, models, noise
-from ch06_segmentation.train_unet import EpochCounter, finished_epochs
 
 
 @dataclass
-class Config:
+class Config(training.TrainingConfig):
     """Options of train_denoiser.py (denoising autoencoder)."""
 
     dataset: str = field(default="shapes_segmentation", metadata={
         "help": "data set whose images are used (labels are ignored)"})
     data_dir: str | None = field(default=None, metadata={"help": "tensorflow-datasets folder"})
     image_size: int = field(default=64, metadata={"help": "square side (multiple of 4)"})
-    train_examples: int = field(default=2000, metadata={"help": "training images"})
-    val_examples: int = field(default=200, metadata={"help": "validation images"})
+    num_train_examples: int = field(default=2000, metadata={"help": "training images"})
+    num_val_examples: int = field(default=200, metadata={"help": "validation images"})
     epochs: int = field(default=8, metadata={"help": "passes over the training images"})
-    batch_size: int = field(default=32, metadata={"help": "images per step"})
+    batch_size: int = field(default=32, metadata={"help": "images per step, over all replicas"})
     learning_rate: float = field(default=2e-3, metadata={"help": "Adam's peak learning rate (cosine decay)"})
     filters: tuple[int, ...] = field(default=(16, 32), metadata={
         "help": "encoder widths, one stride-2 stage each"})
@@ -62,13 +59,23 @@ class Config:
         "help": "training noise: gaussian, salt_and_pepper or mixed (both)", "choices": noise.NOISE_TYPES})
     stddev: float = field(default=0.1, metadata={"help": "Gaussian noise standard deviation"})
     amount: float = field(default=0.05, metadata={"help": "salt-and-pepper fraction of pixels"})
-    seed: int = field(default=0, metadata={"help": "seed of data, noise and weights"})
-    out: str = field(default="runs/train_denoiser", metadata={"help": "output folder"})
-    log_frequency: int = field(default=1, metadata={"help": "print every this many epochs"})
-    fast: bool = field(default=False, metadata={"help": "tiny sizes for a smoke run (or CVTF_FAST=1)"})
+    time_budget_minutes: float = field(default=4.0, metadata={
+        "help": "end after the last epoch that fits in this many minutes of training (0 = no budget)"})
+    out: str = field(default="runs/train_denoiser", metadata={"help": "output folder; re-run to resume"})
 
-    FAST: ClassVar[dict] = {"image_size": 32, "train_examples": 1024, "val_examples": 16, "epochs": 3,
-                            "batch_size": 16}
+    FAST: ClassVar[dict] = {"image_size": 32, "num_train_examples": 1024, "num_val_examples": 16,
+                            "epochs": 3, "batch_size": 16, "time_budget_minutes": 0.0}
+
+
+def check_config(config):
+    for name in ("image_size", "num_train_examples", "num_val_examples", "bottleneck_filters"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    if config.image_size % (2 ** len(config.filters)):
+        raise ValueError(f"--image-size must be a multiple of {2 ** len(config.filters)} (one halving per "
+                         f"--filters entry), got {config.image_size}")
+    if config.stddev < 0 or not 0 <= config.amount <= 1:
+        raise ValueError(f"--stddev must be >= 0 and --amount in [0, 1], got {config.stddev}, {config.amount}")
 
 
 def load_images(config: Config, split: str, num_examples: int) -> tf.data.Dataset:
@@ -80,7 +87,7 @@ def load_images(config: Config, split: str, num_examples: int) -> tf.data.Datase
 
 def noisy_pairs(images: tf.data.Dataset, config: Config, noise_type: str, seed: int):
     """Batched (noisy, clean) pairs; batch i gets noise seed [seed, i], so it differs per batch
-    (and per epoch when ``seed`` changes), yet the same run always sees the same noise."""
+    (and per epoch, whose seed differs), yet the same run always sees the same noise."""
     base = tf.constant(seed, tf.int64)
 
     def corrupt(index, clean):
@@ -120,55 +127,35 @@ def save_before_after(model, clean_batches, config: Config, path, rows=4):
 
 
 def main(argv=None) -> dict:
-    config = parse_config(Config, argv, description=__doc__.splitlines()[0])
-    for name in ("image_size", "train_examples", "val_examples", "epochs", "batch_size",
-                 "bottleneck_filters"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out)
-    keras.utils.set_random_seed(config.seed)
+    run = training.start_run(Config, argv, check=check_config, description=__doc__.splitlines()[0])
+    config, out = run.config, run.out
 
-    train_images = load_images(config, "train", config.train_examples)
-    val_images = load_images(config, "validation", config.val_examples)
-    # Fresh noise every epoch: the batch index runs on across epochs via repeat.
-    train_batches = noisy_pairs(
-        train_images.shuffle(2048, seed=config.seed).batch(config.batch_size).repeat(config.epochs),
-        config, config.noise, config.seed).prefetch(tf.data.AUTOTUNE)
+    train_images = load_images(config, "train", config.num_train_examples)
+    val_images = load_images(config, "validation", config.num_val_examples)
+    num_train = sum(int(batch.shape[0]) for batch in train_images.batch(512))  # fills the cache
+    # Fresh noise every epoch and batch: seed (seed, epoch), batch index within the epoch.
+    train_batches = lambda first_epoch: training.epoch_batches(  # noqa: E731
+        train_images, config.batch_size, first_epoch, config.epochs, seed=config.seed,
+        batch_fn=lambda images, epoch: noisy_pairs(images.batch(config.batch_size), config, config.noise,
+                                                   config.seed * 100_003 + epoch))
     val_clean = val_images.batch(config.batch_size)
     val_batches = noisy_pairs(val_clean, config, config.noise, config.seed + 1).cache()
-    steps_per_epoch = int(np.ceil(config.train_examples / config.batch_size))
+    steps_per_epoch = -(-num_train // config.batch_size)
 
-    model = models.build_denoising_autoencoder((config.image_size, config.image_size, 3),
-                                               filters=config.filters,
-                                               bottleneck_filters=config.bottleneck_filters)
-    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate,
-                                                      decay_steps=steps_per_epoch * config.epochs)
-    # Squared error is what PSNR measures; absolute error ("mae") is an alternative
-    # that weighs the few salt-and-pepper outliers less.
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=config.loss, metrics=["mse"])
+    with run.strategy.scope():
+        model = models.build_denoising_autoencoder((config.image_size, config.image_size, 3),
+                                                   filters=config.filters,
+                                                   bottleneck_filters=config.bottleneck_filters)
+        # Squared error is what PSNR measures; absolute error ("mae") is an alternative
+        # that weighs the few salt-and-pepper outliers less.
+        model.compile(optimizer=run.optimizer(steps_per_epoch, "adam"), loss=config.loss, metrics=["mse"],
+                      jit_compile=run.jit_compile)
     print(f"model: {model.name}, {model.count_params():,} parameters; noise {config.noise} "
-          f"(stddev {config.stddev}, amount {config.amount})")
+          f"(stddev {config.stddev}, amount {config.amount}); {num_train} training images")
+    run.fit(model, train_batches, steps_per_epoch, validation_data=val_batches,
+            log_keys={"loss": "loss", "val loss": "val_loss", "val MSE": "val_mse"})
 
-    counter = EpochCounter()
-    callbacks = [
-        keras.callbacks.BackupAndRestore(str(out / "backup"), delete_checkpoint=False),
-        *epoch_log_callbacks(out / "logs"),
-        SimpleLogCallback({"loss": "loss", "val loss": "val_loss", "val MSE": "val_mse"},
-                          config.epochs, config.log_frequency),
-        counter,
-    ]
-    start = time.perf_counter()
-    history = model.fit(train_batches, validation_data=val_batches, epochs=config.epochs,
-                        steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=0,
-                        shuffle=False)  # shuffled in tf.data
-    train_seconds = time.perf_counter() - start
-    epochs_done = counter.last_epoch or finished_epochs(out)
-
-    metrics = {"train_seconds": round(train_seconds, 2), "epochs": epochs_done,
-               "epochs_this_run": len(history.history.get("loss", [])),
-               "parameters": model.count_params()}
+    metrics = {"num_train_examples": num_train}
     lines = []
     for noise_type in noise.NOISE_TYPES:
         scores = quality(model, val_clean, config, noise_type, config.seed + 2)
@@ -183,9 +170,9 @@ def main(argv=None) -> dict:
                      f"{scores['ssim_denoised']:.3f}")
     model.save(out / "model.keras")
     save_before_after(model, val_clean, config, out / "before_after.png")
-    write_metrics(metrics, out)
-    print(f"\nSummary: denoising autoencoder, {config.image_size}px, {epochs_done} epochs, "
-          f"{train_seconds:.0f} s of training in this run (trained on {config.noise} noise)\n"
+    metrics = run.finish(metrics, model=model, history_keys=["loss", "mse"])
+    print(f"\nSummary: denoising autoencoder, {config.image_size}px, {metrics['epochs']} epochs, "
+          f"{metrics['train_seconds']:.0f} s of training (trained on {config.noise} noise)\n"
           "  validation, noisy input -> denoised output:\n" + "\n".join(lines)
           + f"\n  PSNR gain {metrics['val_psnr_gain']:+.2f} dB, SSIM gain "
           f"{metrics['val_ssim_gain']:+.3f}\n  outputs in {out}/ (metrics.json, before_after.png)")

@@ -26,7 +26,8 @@ the plumbing around ``fit`` lives here, written once:
 * **logging**: ``SimpleLogCallback`` lines, TensorBoard, a CSV; Ctrl-C prints how to resume.
 * **distribution** (``--strategy``): ``default``, ``mirrored`` (several GPUs, or several CPU devices with
   ``--cpu-replicas N``) or ``multi_worker_mirrored`` (several machines, ``TF_CONFIG``). Models are built
-  and compiled inside ``run.strategy.scope()`` and ``--batch-size`` is the *global* batch.
+  and compiled inside ``run.strategy.scope()`` and ``--batch-size`` is the *global* batch. Workers
+  other than the chief write into ``<out>/worker_<i>/``.
 * **XLA** (``--jit-compile auto|on|off``).
 * **the record**: ``run.finish(metrics)`` writes ``metrics.json`` with the script's keys plus
   ``train_seconds`` (summed over every resume), ``epochs``, ``replicas`` and ``parameters``, and
@@ -160,6 +161,11 @@ def prepare_out(config) -> Path:
     ``--overwrite`` asks to start again (the old checkpoint, logs and record are deleted).
     """
     out = Path(config.out)
+    if config.strategy == "multi_worker_mirrored" and not is_chief():
+        # Every worker trains the same model; only the chief's folder is the run's record. The others
+        # write beside it, so no two processes write the same file.
+        task = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}").get("task", {})
+        out = out / f"{task.get('type', 'worker')}_{task.get('index', 0)}"
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -334,9 +340,10 @@ def epoch_batches(dataset, batch_size, first_epoch, epochs, seed=0, shuffle_buff
     """Batches for epochs ``first_epoch .. epochs - 1`` in one stream, each epoch's order a pure function
     of ``(seed, epoch)``, so a resumed run sees exactly the batches an uninterrupted run would.
 
-    ``dataset`` yields examples (cache it first: it is read once per epoch). ``batch_fn(dataset)``
-    replaces ``dataset.batch(batch_size, drop_remainder)`` (e.g. padded detection batches). Pass
-    ``steps_per_epoch`` to ``fit``: the stream does not end at epoch boundaries.
+    ``dataset`` yields examples (cache it first: it is read once per epoch). ``batch_fn(dataset, epoch)``
+    replaces ``dataset.batch(batch_size, drop_remainder)`` (e.g. padded detection batches, or noise
+    seeded by the epoch). Pass ``steps_per_epoch`` to ``fit``: the stream does not end at epoch
+    boundaries.
     """
     count = int(dataset.cardinality())
     buffer = shuffle_buffer or (count if count > 0 else 10000)
@@ -345,7 +352,7 @@ def epoch_batches(dataset, batch_size, first_epoch, epochs, seed=0, shuffle_buff
         order_seed = (int(seed) * 1_000_003 + int(epoch)) % (2**31 - 1)  # one order per (seed, epoch)
         shuffled = dataset.shuffle(buffer, seed=order_seed, reshuffle_each_iteration=False)
         if batch_fn is not None:
-            return batch_fn(shuffled)
+            return batch_fn(shuffled, epoch)
         return shuffled.batch(batch_size, drop_remainder=drop_remainder)
 
     # One dataset per epoch, chained: the seeds stay Python numbers (tf.data takes no symbolic seed
@@ -565,8 +572,7 @@ class Run:
 
     # ----------------------------------------------------------------- checkpoints
     def save(self, model):
-        if is_chief():
-            save_checkpoint(self.checkpoint_dir, model, self.state)
+        save_checkpoint(self.checkpoint_dir, model, self.state)
 
     def restore(self, model, stage: str):
         """Load the checkpoint into ``model`` (and its optimizer when it was saved in the same stage)."""
@@ -621,8 +627,7 @@ class Run:
         if log_keys:
             fit_callbacks.append(common_callbacks.SimpleLogCallback(
                 log_keys, last_epoch, getattr(self.config, "log_frequency", 1)))
-        if is_chief():
-            fit_callbacks += common_callbacks.epoch_log_callbacks(log_dir, "epochs.csv")
+        fit_callbacks += common_callbacks.epoch_log_callbacks(log_dir, "epochs.csv")
         try:
             history = model.fit(data, epochs=last_epoch, initial_epoch=first_epoch,
                                 steps_per_epoch=steps_per_epoch, validation_data=validation_data,
@@ -662,17 +667,16 @@ class Run:
         stopped = [s for s, v in self.state["stages"].items() if v.get("stopped_by_budget")]
         if stopped:
             record["stopped_by_time_budget"] = True
-        if is_chief():
-            config_lib.write_metrics(record, self.out)
-            history = self.history()
-            if history_keys:
-                history = {k: v for k, v in history.items() if k in history_keys
-                           or k.removeprefix("val_") in history_keys}
-            if history:
-                from common import viz
-                import matplotlib.pyplot as plt
+        config_lib.write_metrics(record, self.out)
+        history = self.history()
+        if history_keys:
+            history = {k: v for k, v in history.items() if k in history_keys
+                       or k.removeprefix("val_") in history_keys}
+        if history:
+            from common import viz
+            import matplotlib.pyplot as plt
 
-                plt.close(viz.plot_history(history, save_path=self.out / "history.png"))
+            plt.close(viz.plot_history(history, save_path=self.out / "history.png"))
         return record
 
 

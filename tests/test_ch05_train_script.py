@@ -11,10 +11,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "ch05_detection" / "train_faster_rcnn.py"
-METRIC_KEYS = {"val_map50", "val_map", "train_seconds", "epochs", "pycocotools_map50",
-               "pycocotools_map"}
+METRIC_KEYS = {"val_map50", "val_map", "train_seconds", "epochs", "val_pycocotools_map50",
+               "val_pycocotools_map", "parameters", "replicas"}
 OUTPUTS = ("metrics.json", "config.json", "val_ground_truth.json", "val_detections.json",
-           "detections.png", "proposals.png", "pr_curves.png", "faster_rcnn.keras")
+           "detections.png", "proposals.png", "pr_curves.png", "faster_rcnn.keras", "history.png",
+           "checkpoint/state.npz")
 
 
 def run_script(*args):
@@ -31,8 +32,8 @@ def check_outputs(out):
     metrics = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
     # Our evaluation and pycocotools agree on the exported JSON files.
-    assert metrics["val_map50"] == pytest.approx(metrics["pycocotools_map50"], abs=1e-6)
-    assert metrics["val_map"] == pytest.approx(metrics["pycocotools_map"], abs=1e-6)
+    assert metrics["val_map50"] == pytest.approx(metrics["val_pycocotools_map50"], abs=1e-6)
+    assert metrics["val_map"] == pytest.approx(metrics["val_pycocotools_map"], abs=1e-6)
     detections = json.loads((out / "val_detections.json").read_text())
     ground_truth = json.loads((out / "val_ground_truth.json").read_text())
     assert isinstance(detections, list) and {"images", "annotations", "categories"} <= set(ground_truth)
@@ -40,21 +41,25 @@ def check_outputs(out):
 
 
 @pytest.mark.slow
-def test_fast_joint_run_then_resume(tmp_path):
+def test_fast_joint_run_keeps_its_record_and_predicts(tmp_path):
     out = tmp_path / "joint"
-    first = run_script("--out", str(out))
+    first = run_script("--out", str(out), "--epochs", "2")
     assert "Summary" in first
     metrics = check_outputs(out)
-    assert metrics["epochs"] == 1
+    assert metrics["epochs"] == 2
     config = json.loads((out / "config.json").read_text())
     assert config["fast"] is True and config["image_size"] == 64
-    # Re-running with the same --out and one more epoch resumes: only epoch 2 is trained.
-    second = run_script("--out", str(out), "--epochs", "2", "--eval-every", "0")
-    assert "resuming" in second
-    assert "Epoch 2/2" in second and "Epoch 1/2" not in second
-    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+    # The same command again: nothing is trained and the record of the run stays as it was.
+    second = run_script("--out", str(out), "--epochs", "2")
+    assert "already done" in second
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["train_seconds"] == metrics["train_seconds"] and again["epochs"] == 2
+    assert again["val_map50"] == pytest.approx(metrics["val_map50"])
+    history = json.loads((out / "metrics.json").read_text())
+    assert history["epochs_this_run"] == 0
 
-    # predict.py on the saved model: two image files in, annotated PNGs out.
+    # predict.py on the saved model: two image files in, annotated PNGs out, labelled with the
+    # class names the model was trained with.
     import cv2
 
     from ch05_detection import predict
@@ -70,10 +75,22 @@ def test_fast_joint_run_then_resume(tmp_path):
                                                       "--min-score", "0.0"])
     assert len(results) == 2
     for path, result in zip(paths, results):
-        assert (tmp_path / "pred" / f"{path.stem}_detections.png").exists()
+        assert list((tmp_path / "pred").glob(f"{path.stem}*detections.png"))
         assert len(result["boxes"]) == len(result["scores"]) == len(result["classes"])
-    with pytest.raises(ValueError, match="cannot read"):
-        predict.main([str(tmp_path / "missing.png"), "--model", str(out / "faster_rcnn.keras")])
+
+
+def test_bad_options_name_the_flag(tmp_path):
+    """--epochs 0, fewer images than a batch and an unsupported stride are refused before training."""
+    for args, flag in ((["--epochs", "0"], "--epochs"), (["--epochs", "-2"], "--epochs"),
+                       (["--output-stride", "4"], "--output-stride"),
+                       (["--num-train-examples", "3", "--batch-size", "4"], "--batch-size"),
+                       (["--image-size", "50"], "--image-size")):
+        env = dict(os.environ, CVTF_FAST="1")
+        result = subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(tmp_path / "x")],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert flag in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+        assert not (tmp_path / "x" / "metrics.json").exists()
 
 
 @pytest.mark.slow
@@ -97,8 +114,8 @@ def test_real_dataset_paths_under_mock_data(tmp_path, dataset, monkeypatch):
     monkeypatch.setenv("CVTF_FAST", "1")
     with tfds.testing.mock_data(num_examples=4):
         metrics = train_faster_rcnn.main(
-            ["--dataset", dataset, "--out", str(tmp_path / "run"), "--train-examples", "4",
-             "--val-examples", "2", "--eval-every", "0", "--batch-size", "2"])
+            ["--dataset", dataset, "--out", str(tmp_path / "run"), "--num-train-examples", "4",
+             "--num-val-examples", "2", "--eval-every", "0", "--batch-size", "2"])
     assert np.isfinite(metrics["val_map50"]) and metrics["epochs"] == 1
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["dataset"] == dataset

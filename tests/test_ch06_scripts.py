@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
+from common.training import RunError
 from ch06_segmentation import train_denoiser, train_unet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,13 +27,18 @@ def _metrics(out):
     return json.loads((Path(out) / "metrics.json").read_text())
 
 
-def test_train_unet_fast_writes_outputs_and_resumes(tmp_path):
+def test_train_unet_fast_writes_outputs_and_keeps_its_record(tmp_path):
     out = tmp_path / "unet"
-    first = train_unet.main(["--fast", "--epochs", "1", "--out", str(out)])
-    assert first["epochs"] == 1 and first["epochs_this_run"] == 1
-    # Same --out, more epochs: continues from the backup, trains only epoch 2.
+    first = train_unet.main(["--fast", "--epochs", "2", "--out", str(out)])
+    assert first["epochs"] == 2 and first["epochs_this_run"] == 2
+    # Same command again: nothing left to train, and the record of the first run stays.
     second = train_unet.main(["--fast", "--epochs", "2", "--out", str(out)])
-    assert second["epochs"] == 2 and second["epochs_this_run"] == 1
+    assert second["epochs"] == 2 and second["epochs_this_run"] == 0
+    assert second["train_seconds"] == first["train_seconds"]
+    assert second["val_mean_iou"] == pytest.approx(first["val_mean_iou"])
+    # Other options into the same --out are refused, naming them.
+    with pytest.raises(RunError, match="--epochs"):
+        train_unet.main(["--fast", "--epochs", "3", "--out", str(out)])
     metrics = _metrics(out)
     for key in ("val_mean_iou", "val_pixel_accuracy", "train_seconds", "epochs",
                 "val_iou_background", "val_iou_star"):
@@ -44,7 +50,7 @@ def test_train_unet_fast_writes_outputs_and_resumes(tmp_path):
     for name in ("predictions.png", "history.png", "model.keras"):
         assert (out / name).stat().st_size > 0
     assert any((out / "logs").iterdir())
-    assert (out / "backup").is_dir()
+    assert (out / "checkpoint" / "state.npz").is_file()
 
 
 def test_train_unet_fcn8s_fast(tmp_path):
@@ -57,7 +63,7 @@ def test_train_unet_oxford_pet_under_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=4):
         metrics = train_unet.main(["--fast", "--dataset", "oxford_iiit_pet", "--epochs", "1",
-                                   "--train-examples", "4", "--val-examples", "2",
+                                   "--num-train-examples", "4", "--num-val-examples", "2",
                                    "--batch-size", "2", "--out", str(tmp_path)])
     assert metrics["epochs"] == 1 and "val_iou_pet" in metrics
 
@@ -96,10 +102,10 @@ def test_train_unet_rejects_labels_beyond_num_classes(tmp_path):
 @pytest.mark.parametrize("argv,match", [
     (["--image-size", "34"], "--image-size must be a multiple of 4"),  # FAST depth 2 -> 4
     (["--model", "fcn8s", "--image-size", "48"], "multiple of 32"),
-    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--epochs", "0"], "--epochs must be > 0"),
 ])
 def test_train_unet_bad_options(argv, match, tmp_path):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(RunError, match=match):
         train_unet.main(["--fast", "--out", str(tmp_path)] + argv)
 
 
@@ -115,13 +121,8 @@ def test_train_denoiser_fast_gain_outputs_and_resume(tmp_path):
     assert first["val_psnr_gain"] == pytest.approx(first["val_psnr_denoised"] - first["val_psnr_noisy"])
     assert (out / "before_after.png").stat().st_size > 0 and (out / "model.keras").is_file()
     assert first["epochs"] == 3
-    second = train_denoiser.main(["--fast", "--epochs", "4", "--out", str(out)])
-    assert second["epochs"] == 4 and second["epochs_this_run"] == 1
+    second = train_denoiser.main(["--fast", "--out", str(out)])  # finished: the record stays
+    assert second["epochs"] == 3 and second["epochs_this_run"] == 0
+    assert second["train_seconds"] == first["train_seconds"]
 
 
-def test_scripts_help_runs_from_the_command_line():
-    for script in ("ch06_segmentation/train_unet.py", "ch06_segmentation/train_denoiser.py"):
-        result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True,
-                                text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-        assert "--image-size" in result.stdout and "FAST mode" in result.stdout

@@ -94,3 +94,20 @@ def exact_resume_check(tmp_path, script, args):
 def test_classifier_resumes_exactly_after_sigkill(tmp_path):
     exact_resume_check(tmp_path, "ch04_classification/train_classifier.py",
                        ["--epochs", "4", "--num-train-examples", "96", "--num-val-examples", "32"])
+
+
+FASTER_RCNN_ARGS = ["--num-train-examples", "8", "--num-val-examples", "4", "--batch-size", "4",
+                    "--eval-every", "0"]
+
+
+@pytest.mark.slow
+def test_faster_rcnn_joint_resumes_exactly_after_sigkill(tmp_path):
+    exact_resume_check(tmp_path, "ch05_detection/train_faster_rcnn.py", [*FASTER_RCNN_ARGS, "--epochs", "3"])
+
+
+@pytest.mark.slow
+def test_faster_rcnn_alternating_resumes_exactly_after_sigkill(tmp_path):
+    # 4 steps of one epoch each: the kill lands in step 2 or later, so resuming crosses stages.
+    ref, resumed = exact_resume_check(tmp_path, "ch05_detection/train_faster_rcnn.py",
+                                      [*FASTER_RCNN_ARGS, "--epochs", "4", "--schedule", "alternating"])
+    assert ref["epochs"] == 4
