@@ -36,10 +36,9 @@ import tensorflow as tf
 
 from ch05_detection import boxes as box_ops
 from ch05_detection import targets
-# The ground-truth check and the sampler live in targets.py; these names stay here for
-# the notebook and older callers.
-from ch05_detection.targets import check_detection_targets  # noqa: F401  (re-exported)
+from ch05_detection.targets import check_detection_targets
 
+# The sampler lives in targets.py (shared with the detection head); the RPN's name for it.
 sample_anchors = targets.sample_balanced
 
 # Faster R-CNN sec. 3.1.3: "we randomly sample 256 anchors in an image ... where the

@@ -139,8 +139,8 @@ def test_bad_and_empty_inputs(batch):
     empty = {"image": batch["image"][:2], "boxes": np.zeros((2, 3, 4), np.float32),
              "classes": -np.ones((2, 3), np.int32)}
     odd = {"image": batch["image"][:2],
-           "boxes": np.array([[[0.5, 0.5, 0.5, 0.5], [-0.2, 0.1, 1.3, 0.9], [0.8, 0.8, 0.1, 0.1]]] * 2,
-                             np.float32),
+           "boxes": np.array([[[0.5, 0.5, 0.5, 0.5], [-0.2, 0.1, 1.3, 0.9],
+                               [0.8, 0.8, 0.1, 0.1]]] * 2, np.float32),
            "classes": np.array([[1, 2, 4]] * 2, np.int32)}
     model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
     for data in (empty, odd):
@@ -208,7 +208,8 @@ def test_options_live_in_one_config():
     # An anchor shape that never fits inside the image would never be trained.
     with pytest.raises(ValueError, match="rpn_ignore_cross_boundary"):
         tiny_model(anchor_scales=(12, 24, 48))
-    assert tiny_model(anchor_scales=(12, 24, 48), rpn_ignore_cross_boundary=False).anchor_valid is None
+    unchecked = tiny_model(anchor_scales=(12, 24, 48), rpn_ignore_cross_boundary=False)
+    assert unchecked.anchor_valid is None
 
 
 def test_synchronized_batch_norm_option(batch):
