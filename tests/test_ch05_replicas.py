@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow  # one subprocess, six short trainings: about a minute (2 min loaded)
 BROKEN_VARIANTS = ("no_all_reduce", "no_replica_division", "local_image_index",
                    "unsynchronized_batch_norm")
 
