@@ -56,7 +56,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from common import synthetic
+from common import faces, synthetic
 
 SPLITS = synthetic.SPLITS  # ("train", "validation", "test"), the tfds names
 TASKS = ("classification", "detection", "segmentation")
@@ -413,6 +413,8 @@ def embedded_alternative(name: str, task: str | None = None) -> str:
     """
     if name == "mnist":
         return "digits"
+    if name == "lfw":
+        return "faces"
     task = task or _DEFAULT_TASKS.get(name, "detection")
     return _EMBEDDED_ALTERNATIVE.get(task, "shapes")
 
@@ -1172,6 +1174,70 @@ def _load_folder(root, split, task, image_size, num_examples, with_masks, channe
 
 
 # ---------------------------------------------------------------------------
+# Face verification: persons, not classes (ch04_classification/siamese.py)
+# ---------------------------------------------------------------------------
+# "faces": the embedded persons of common/faces.py; "lfw": Labeled Faces in the
+# Wild through tensorflow-datasets. ``label`` is a person number and the persons
+# of train / validation / test are disjoint (verification is scored on people
+# never seen), so there is no class list shared by the splits.
+FACE_DATASETS = ("faces", "lfw")
+_DEFAULT_IMAGE_SIZES.update({"faces": 64, "lfw": 250})
+_DEFAULT_TASKS.update({"faces": "classification", "lfw": "classification"})
+# LFW has one tfds split; its persons go to train / validation / test by a
+# FarmHash of the name (platform independent): buckets 0-7, 8, 9 (80/10/10).
+LFW_SPLIT_BUCKETS = {"train": (0, 8), "validation": (8, 9), "test": (9, 10)}
+
+
+def lfw_person_split(name: str) -> str:
+    """The split of an LFW person, e.g. lfw_person_split("George_W_Bush")."""
+    bucket = int(tf.strings.to_hash_bucket_fast(tf.constant(name), 10))
+    return next(s for s, (low, high) in LFW_SPLIT_BUCKETS.items() if low <= bucket < high)
+
+
+def _load_face_dataset(name, split, task, image_size, num_examples, seed, data_dir,
+                       with_masks, channels):
+    _check_task(task, ("classification",), name)
+    if with_masks:
+        raise ValueError(f"with_masks=True: {name!r} has no masks")
+    if name == "lfw":
+        low, high = LFW_SPLIT_BUCKETS[split]
+
+        def person_of_split(example):
+            bucket = tf.strings.to_hash_bucket_fast(example["label"], 10)
+            return tf.logical_and(bucket >= low, bucket < high)
+
+        def adapt(example):  # the person number: a hash of the name (31 bits)
+            label = tf.strings.to_hash_bucket_fast(example["label"], 2**31 - 1)
+            return {"image": example["image"], "label": tf.cast(label, tf.int32)}
+
+        dataset = _tfds_load("lfw", "train", data_dir, "classification")
+        dataset = dataset.filter(person_of_split).map(adapt)
+        return _finish(dataset, image_size, channels, num_examples)
+    per_person = faces.DEFAULT_IMAGES_PER_IDENTITY[split]
+    if num_examples is None:
+        num_examples = faces.DEFAULT_IDENTITIES[split] * per_person
+    side = _DEFAULT_IMAGE_SIZES["faces"] if image_size is None else max(24, *image_size)
+    resize = None if image_size in (None, (side, side)) else image_size
+
+    def generate():  # person by person, per_person photos each
+        for index in range(num_examples):
+            yield faces.make_face(index // per_person, index % per_person, split, seed, side)
+
+    dataset = tf.data.Dataset.from_generator(generate, output_signature={
+        "image": tf.TensorSpec([side, side, 3], tf.float32), "label": tf.TensorSpec([], tf.int32)})
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
+    return _finish(dataset, resize, channels)
+
+
+def _face_info(name):
+    """Training persons of ``faces`` as its "classes" (LFW's are only known after the download)."""
+    if name == "faces":
+        names = tuple(f"person_{i}" for i in range(faces.DEFAULT_IDENTITIES["train"]))
+        return DatasetInfo(name, "classification", len(names), names, (64, 64))
+    return DatasetInfo(name, "classification", 0, (), (250, 250))
+
+
+# ---------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------
 def load(name, split="train", *, image_size=None, num_examples=None, seed=0, data_dir=None,
@@ -1210,6 +1276,9 @@ def load(name, split="train", *, image_size=None, num_examples=None, seed=0, dat
     _check_positive(num_examples, "num_examples")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
+    if isinstance(name, str) and name in FACE_DATASETS:
+        return _load_face_dataset(name, split, task, image_size, num_examples, seed, data_dir,
+                                  with_masks, channels)
     if isinstance(name, str) and name in _DEFAULT_TASKS:
         if name.startswith("shapes"):
             if name == "shapes" and task in ("classification", "segmentation"):
@@ -1253,6 +1322,9 @@ def get_info(name, data_dir=None, task=None) -> DatasetInfo:
     or to count the labels without it; see data/README.md, Mask values).
     """
     del data_dir  # class lists are known offline; kept for symmetry with load()
+    if isinstance(name, str) and name in FACE_DATASETS:
+        _check_task(task, ("classification",), name)
+        return _face_info(name)
     if isinstance(name, str) and name in _DEFAULT_TASKS:
         if name == "shapes" and task in ("classification", "segmentation"):
             name = f"shapes_{task}"
