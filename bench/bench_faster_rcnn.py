@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from ch05_detection import train_faster_rcnn
 from common import data as common_data
+from common import synthetic, training
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Faster R-CNN"
@@ -41,9 +42,9 @@ def measure(steps=20, warmup_steps=3, inference_repeats=3):
                                                drop_remainder=True))
     stream = tf.data.Dataset.from_tensor_slices(
         {k: tf.stack([b[k] for b in batches]) for k in batches[0]}).repeat()
-    model = train_faster_rcnn.build_model(config, num_classes=5)
-    optimizer, _ = train_faster_rcnn.make_optimizer(config, 1000)
-    model.compile(optimizer=optimizer, jit_compile=False)
+    model = train_faster_rcnn.build_model(config, 5, synthetic.CLASS_NAMES)
+    model.compile(optimizer=training.make_optimizer("adam", config.learning_rate, clipnorm=10.0),
+                  jit_compile=False)
     model.fit(stream, steps_per_epoch=warmup_steps, epochs=1, verbose=0)  # trace + warm up
     start = time.perf_counter()
     model.fit(stream, steps_per_epoch=steps, epochs=1, verbose=0)

@@ -44,6 +44,8 @@ from ch04_classification.models import BACKBONE_NAMES
 from ch05_detection import anchors as anchor_ops
 from ch05_detection import evaluate
 from ch05_detection.faster_rcnn import ALTERNATING_SCHEDULE, FasterRCNN, load_backbone_weights
+
+SHARED_STAGES = ("rpn_finetune", "detector_finetune")  # steps 3 and 4: one backbone for both parts
 from common import data as common_data
 from common import training, viz
 
@@ -238,7 +240,9 @@ def train(run, model, train, num_train, val_examples, num_classes):
                  + max(0.0, budget - spent) / (len(plan) - index)) if budget else 0.0
         run.fit(model, lambda first_epoch, e=epochs: train_batches(config, train, first_epoch, e),
                 steps_per_epoch, stage=stage, epochs=epochs, budget_seconds=share, log_keys=names,
-                callbacks=callbacks)
+                callbacks=callbacks,
+                # Steps 3 and 4 run the RPN on the detector's backbone: re-tie the copy after loading.
+                after_restore=model.share_backbone if stage in SHARED_STAGES else None)
     model.set_training_stage(plan[-1][0] if config.schedule == "alternating" else "joint")
 
 

@@ -100,12 +100,6 @@ def load_split(config: Config, split: str, num_examples: int) -> tf.data.Dataset
     return data.to_supervised(dataset)
 
 
-def check_first_examples(dataset: tf.data.Dataset, num_classes: int, count: int = 64):
-    """Fail early with a clear ValueError on masks that do not fit the task."""
-    for image, mask in dataset.take(count):
-        losses.validate_segmentation_example(image.numpy(), mask.numpy(), num_classes)
-
-
 def build_model(config: Config, num_classes: int) -> keras.Model:
     input_shape = (config.image_size, config.image_size, 3)
     if config.model == "unet":
@@ -159,8 +153,12 @@ def main(argv=None) -> dict:
           f"{config.image_size}x{config.image_size} pixels")
     train = load_split(config, "train", config.num_train_examples).cache()
     validation = load_split(config, "validation", config.num_val_examples).cache()
-    check_first_examples(train, num_classes)
-    check_first_examples(validation, num_classes)
+    # Labels checked before any training: values in range, more than one class present (a run on
+    # one class would report a perfect, meaningless score), every bad file named.
+    data.check_segmentation_labels(train, num_classes, what=f"{config.dataset} train split",
+                                   class_names=info.class_names, max_examples=64)
+    data.check_segmentation_labels(validation, num_classes, what=f"{config.dataset} validation split",
+                                   class_names=info.class_names)
     # One pass fills the cache (with progress) and counts the examples (folders have no known size).
     progress = keras.utils.Progbar(None if int(train.cardinality()) < 0 else int(train.cardinality()),
                                    unit_name="example")

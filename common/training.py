@@ -529,6 +529,10 @@ class Run:
                                "history": [], "current_stage": None}
         self.resumed = saved is not None
         self.epochs_this_run = 0
+        if saved is not None:
+            stages = ", ".join(f"{name} {value.get('epochs_done', 0)}" for name, value in saved["stages"].items())
+            print(f"resuming from {self.checkpoint_dir}: epochs done {stages or 'none'}, "
+                  f"{saved['train_seconds']:.0f} s of training so far")
 
     # ----------------------------------------------------------------- facts
     @property
@@ -591,18 +595,20 @@ class Run:
     # ----------------------------------------------------------------- fit
     def fit(self, model, train_data, steps_per_epoch: int, *, validation_data=None,
             log_keys: dict | None = None, callbacks=(), stage: str = "main", epochs: int | None = None,
-            budget_seconds: float | None = None, validation_freq: int = 1):
+            budget_seconds: float | None = None, validation_freq: int = 1, after_restore=None):
         """``model.fit`` for one stage, resumable exactly. Returns the history of this call's epochs.
 
         ``train_data`` is a dataset of batches or ``train_data(first_epoch) -> dataset`` (use
         ``epoch_batches``, so the order does not depend on where a run resumed). ``budget_seconds``
         defaults to ``--time-budget-minutes``; a multi-stage script passes each stage its share.
+        ``after_restore()`` runs after the checkpoint is loaded (e.g. to re-tie shared weights).
         """
         epochs = self.config.epochs if epochs is None else int(epochs)
         if steps_per_epoch < 1:
             fail(f"there are fewer training examples than one batch of --batch-size "
                  f"{self.config.batch_size}; lower --batch-size or add training examples")
-        self.restore(model, stage)
+        if self.restore(model, stage) and after_restore is not None:
+            after_restore()
         first_epoch = self.initial_epoch(stage)
         self.state["current_stage"] = stage
         stage_state = self.state["stages"].setdefault(stage, {"epochs_done": first_epoch,
@@ -616,9 +622,6 @@ class Run:
             print(f"{stage if stage != 'main' else 'training'}: all {first_epoch} epochs already done "
                   f"in {self.out} (re-run with a new --out to train again)")
             return {}
-        if first_epoch:
-            print(f"resuming from {self.checkpoint_dir}: {first_epoch} of {last_epoch} epochs done, "
-                  f"{self.state['train_seconds']:.0f} s of training so far")
         data = train_data(first_epoch) if callable(train_data) else train_data
         budget = 60.0 * self.config.time_budget_minutes if budget_seconds is None else budget_seconds
         recorder = _make_recorder(self, stage, epochs, steps_per_epoch, budget, schedule)
