@@ -7,13 +7,13 @@ What this script teaches: the full recipe around a classification network, each 
     loss        sparse categorical cross-entropy; GoogLeNet adds its two auxiliary classifiers' losses
                 with weight 0.3 (Szegedy et al. 2015, "Going Deeper with Convolutions", sec. 5)
     optimizer   Adam, SGD with momentum 0.9 (He et al. 2016, sec. 3.4) or AdamW (Loshchilov & Hutter 2019)
-    schedule    constant, cosine (Loshchilov & Hutter 2017, "SGDR") or step (divide by 10 at 50 % and 75 %
-                of training, as the ResNet CIFAR runs, He et al. 2016 sec. 4.2), with an optional linear
+    schedule    Keras' CosineDecay (Loshchilov & Hutter 2017, "SGDR") or a constant rate, after a linear
                 warm-up (Goyal et al. 2017, "Accurate, Large Minibatch SGD", sec. 2.2)
     metrics     top-1 and top-5 accuracy (top-5 only with more than 5 classes, else it is always 1)
-    bookkeeping SimpleLogCallback, BackupAndRestore (re-running with the same --out resumes), TensorBoard
-                logs in <out>/logs, <out>/config.json, <out>/metrics.json, confusion matrix and
-                predictions PNGs, the trained network as <out>/model.keras
+    bookkeeping common/training.py: exact resume (re-running with the same --out continues where a
+                killed run stopped), time budget, TensorBoard and CSV logs in <out>/logs,
+                <out>/config.json, <out>/metrics.json; here: confusion matrix and predictions PNGs,
+                the trained network as <out>/model.keras (+ class_names.json)
 
 Run from the repo root (CPU is fine):
     python ch04_classification/train_classifier.py            # resnet_small on shapes_classification

@@ -7,8 +7,6 @@
   It logs the first epoch, the last epoch and every ``log_frequency``-th
   epoch, numbering epochs from 1 as a reader counts them.
 * ``epoch_log_callbacks`` writes TensorBoard logs and a CSV of the epochs.
-* ``FigureCallback`` saves a figure (usually predictions on a fixed batch)
-  every ``every`` epochs, so progress can be watched as pictures.
 """
 
 from __future__ import annotations
@@ -75,41 +73,6 @@ class SimpleLogCallback(keras.callbacks.Callback):
     def get_config(self):
         return {"metrics_dict": self.metrics_dict, "num_epochs": self.num_epochs,
                 "log_frequency": self.log_frequency}
-
-
-class FigureCallback(keras.callbacks.Callback):
-    """Save ``draw_fn(model, epoch_number)`` as ``<out_dir>/<prefix>_epoch_NNN.png``.
-
-    ``draw_fn`` returns a matplotlib Figure (usually predictions on a fixed
-    batch drawn with ``common.viz``). Runs every ``every`` epochs and after the
-    last epoch; the figure is closed after saving so memory stays flat.
-    """
-
-    def __init__(self, draw_fn, out_dir, every: int = 1, prefix: str = "predictions",
-                 num_epochs: int | None = None):
-        super().__init__()
-        if int(every) < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        self.draw_fn = draw_fn
-        self.out_dir = Path(out_dir)
-        self.every = int(every)
-        self.prefix = prefix
-        self.num_epochs = num_epochs
-        self.saved_paths: list[Path] = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        epoch_number = epoch + 1
-        last = self.num_epochs is not None and epoch_number == self.num_epochs
-        if epoch_number % self.every and not last:
-            return
-        import matplotlib.pyplot as plt
-
-        figure = self.draw_fn(self.model, epoch_number)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"{self.prefix}_epoch_{epoch_number:03d}.png"
-        figure.savefig(path, dpi=80, bbox_inches="tight")
-        plt.close(figure)
-        self.saved_paths.append(path)
 
 
 def epoch_log_callbacks(log_dir, csv_name: str = "epochs.csv") -> list:

@@ -1,4 +1,4 @@
-"""common.callbacks: SimpleLogCallback's numbering and FigureCallback's files."""
+"""common.callbacks: SimpleLogCallback's numbering and the TensorBoard + CSV epoch logs."""
 
 import re
 
@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from common.callbacks import FigureCallback, SimpleLogCallback
+from common.callbacks import SimpleLogCallback
 
 
 def tiny_fit(callbacks, epochs):
@@ -52,20 +52,6 @@ def test_missing_keys_are_skipped_and_config_round_trips():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         SimpleLogCallback(**kwargs)
-
-
-def test_figure_callback_saves_every_n_epochs_and_the_last(tmp_path):
-    import matplotlib.pyplot as plt
-
-    def draw(model, epoch):
-        figure, ax = plt.subplots()
-        ax.set_title(f"epoch {epoch}")
-        return figure
-
-    callback = FigureCallback(draw, tmp_path, every=2, num_epochs=5)
-    tiny_fit([callback], epochs=5)
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
-        "predictions_epoch_002.png", "predictions_epoch_004.png", "predictions_epoch_005.png"]
 
 
 def test_epoch_log_callbacks_write_tensorboard_and_an_appended_csv(tmp_path):
