@@ -234,3 +234,83 @@ def plot_confusion_matrix(matrix, class_names, save_path=None, normalize: bool =
                         color="white" if shown[i, j] > 0.5 * shown.max() else "black")
     figure.tight_layout()
     return save_figure(figure, save_path)
+
+
+# ---------------------------------------------------------------------------
+# Looking inside a CNN (ch04_classification/interpret.py): heatmaps, explanations, embeddings
+# ---------------------------------------------------------------------------
+
+
+def overlay_heatmap(image, heatmap, alpha: float = 0.5, cmap: str = "jet"):
+    """A heatmap [H, W] coloured with ``cmap`` and blended over ``image``; RGB float in [0, 1].
+
+    The heatmap is scaled by its own minimum and maximum (a constant map is drawn as its lowest
+    colour); it must have the image's height and width (upsample CAM/Grad-CAM maps first).
+    """
+    image = _as_display_image(image)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    heatmap = _numpy(heatmap).astype(np.float32)
+    if heatmap.shape != image.shape[:2]:
+        raise ValueError(f"heatmap must be [H, W] = {image.shape[:2]}, got shape {heatmap.shape}")
+    low, high = float(heatmap.min(initial=0.0)), float(heatmap.max(initial=0.0))
+    scaled = (heatmap - low) / (high - low) if high > low else np.zeros_like(heatmap)
+    coloured = plt.get_cmap(cmap)(scaled)[..., :3]
+    return np.clip((1.0 - alpha) * image[..., :3] + alpha * coloured, 0.0, 1.0)
+
+
+def show_explanations(images, heatmaps: dict, boxes=None, titles=None, mark_peak: bool = True,
+                      alpha: float = 0.5, save_path=None, cell: float = 2.0):
+    """One row per image: the image, then each method's heatmap overlaid on it.
+
+    Args:
+      images: [N, H, W, 3]. heatmaps: {method name: [N, H, W]} (image resolution).
+      boxes: optional [N, 4] normalized yxyx ground-truth boxes, drawn dashed in white.
+      titles: optional row titles (shown on the image column).
+      mark_peak: a white cross on each heatmap's maximum (the point of the pointing game).
+    """
+    images = _numpy(images)
+    names = list(heatmaps)
+    cols = 1 + len(names)
+    figure, axes = plt.subplots(len(images), cols, figsize=(cell * cols, cell * max(len(images), 1)),
+                                squeeze=False)
+    for row, image in enumerate(images):
+        panels = [_as_display_image(image)] + [overlay_heatmap(image, _numpy(heatmaps[name])[row], alpha)
+                                               for name in names]
+        for col, panel in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(panel)
+            ax.axis("off")
+            if boxes is not None:
+                draw_boxes(ax, _numpy(boxes)[row][None], color="white", linestyle="--", linewidth=1.0,
+                           image_shape=image.shape[:2])
+            if col > 0 and mark_peak:
+                heatmap = _numpy(heatmaps[names[col - 1]])[row]
+                y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+                ax.plot([x], [y], marker="x", color="white", markersize=7, markeredgewidth=2)
+            if row == 0 and col > 0:
+                ax.set_title(names[col - 1], fontsize=9)
+            if col == 0 and titles is not None:
+                ax.set_title(str(titles[row]), fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, save_path)
+
+
+def plot_embedding_2d(points, labels, class_names=None, save_path=None, title: str | None = None):
+    """A 2-D embedding (t-SNE) as a scatter plot, one colour per class, with a legend."""
+    points = _numpy(points)
+    labels = _numpy(labels).reshape(-1)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) != len(labels):
+        raise ValueError(f"points must be [N, 2] with N labels, got {points.shape} and {labels.shape}")
+    figure, ax = plt.subplots(figsize=(4.5, 4.0))
+    for label in np.unique(labels):
+        chosen = labels == label
+        name = class_names[int(label)] if class_names is not None else str(label)
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=10, color=class_colour(label), label=name)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    if title:
+        ax.set_title(title, fontsize=9)
+    figure.tight_layout()
+    return save_figure(figure, save_path)
