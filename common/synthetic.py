@@ -95,21 +95,26 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return image
 
 
-def _shape_mask(rng, class_id, size, radius, center, with_outline=False):
-    """Rasterise one randomly rotated and stretched shape into a 0/1 mask.
-
-    With ``with_outline`` also returns the outline's vertices [V, 2] (x, y) in
-    pixel coordinates (pixel centres at integers), the ``_UNIT_POLYGONS`` order.
-    """
+def _shape_outline(rng, class_id, radius, center):
+    """Vertices [V, 2] (x, y, pixel centres at integers) of one randomly rotated and stretched shape."""
     aspect = np.exp(rng.uniform(np.log(0.75), np.log(1.33)))
     theta = rng.uniform(0.0, 2.0 * np.pi)
     points = _UNIT_POLYGONS[class_id] * radius * np.array([np.sqrt(aspect), 1 / np.sqrt(aspect)])
     rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-    points = points @ rotation.T + np.asarray(center)
+    return points @ rotation.T + np.asarray(center)
+
+
+def _rasterise(points, size):
+    """Fill the polygon ``points`` [V, 2] (x, y) into a 0/1 uint8 [size, size] mask."""
     mask = np.zeros((size, size), np.uint8)
     cv2.fillPoly(mask, [np.round(points * (1 << _SHIFT)).astype(np.int32)], 1,
                  lineType=cv2.LINE_8, shift=_SHIFT)
-    return (mask, points) if with_outline else mask
+    return mask
+
+
+def _shape_mask(rng, class_id, size, radius, center):
+    """Rasterise one randomly rotated and stretched shape into a 0/1 mask."""
+    return _rasterise(_shape_outline(rng, class_id, radius, center), size)
 
 
 def _shape_colour(rng, background_colour):
@@ -309,12 +314,15 @@ def make_localization_example(index: int, split: str = "train", seed: int = 0,
     visibility = np.zeros((0, NUM_LANDMARKS), np.int32)
     if rng.random() >= empty_fraction:
         class_id = int(rng.integers(0, NUM_CLASSES))
-        for _attempt in range(50):  # redraw, a little smaller each time, until wholly inside
-            radius = rng.uniform(0.15, 0.3) * size * 0.98 ** _attempt
-            center = rng.uniform(radius, size - radius, size=2)
-            full, outline = _shape_mask(rng, class_id, size, radius, center, with_outline=True)
-            if outline.min() >= 0.0 and outline.max() <= size - 1.0:
-                break
+        radius = rng.uniform(0.22, 0.38) * size
+        outline = _shape_outline(rng, class_id, radius, (0.0, 0.0))  # [V, 2] about the origin
+        extent = outline.max(axis=0) - outline.min(axis=0)
+        if extent.max() > 0.95 * (size - 1):  # too large to fit: shrink it
+            outline = outline * (0.95 * (size - 1) / extent.max())
+        # Anywhere the whole outline stays inside the image (so every landmark is on it).
+        center = rng.uniform(-outline.min(axis=0), (size - 1) - outline.max(axis=0))
+        outline = outline + center
+        full = _rasterise(outline, size)
         name = CLASS_NAMES[class_id]
         corners = np.array([outline[list(group)].mean(axis=0) for group in _LANDMARK_VERTICES[name]],
                            np.float64).reshape(-1, 2)
