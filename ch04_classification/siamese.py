@@ -295,15 +295,24 @@ def build_binary_model(encoder, name="binary_siamese"):
 # P persons x K photos per batch
 # --------------------------------------------------------------------------------------------------
 
-def pk_batch_indices(labels, identities_per_batch, images_per_identity, seed=0, epoch=0):
+def pk_batch_indices(labels, identities_per_batch, images_per_identity, seed=0, epoch=0, passes=1):
     """One epoch of batches of P persons x K photos each, as indices into ``labels``.
 
-    Every person appears in exactly one batch per epoch (persons shuffled, the last incomplete group
-    dropped); a person with fewer than K photos gets some twice. A pure function of (labels, P, K,
-    seed, epoch), so a resumed run sees the same batches.
+    A pass shows every photo once: each person's photos are shuffled and cut into groups of K, and
+    in round r (r = 0 .. fewest photos of a person // K - 1) every person contributes its r-th group,
+    the persons shuffled and grouped P at a time (the last incomplete batch of a round dropped). A
+    person with fewer than K photos gets some twice (one round). An epoch is ``passes`` passes, each
+    grouped anew. A pure function of (labels, P, K, seed, epoch, passes), so a resumed run sees the
+    same batches.
 
-    Returns int64 [num_persons // P, P * K], the K photos of a person next to each other.
+    Returns int64 [passes * rounds * (num_persons // P), P * K], the K photos of a person next to
+    each other.
     """
+    if not isinstance(passes, (int, np.integer)) or passes < 1:
+        raise ValueError(f"passes must be a positive int, got {passes!r}")
+    if passes > 1:
+        return np.concatenate([pk_batch_indices(labels, identities_per_batch, images_per_identity, seed,
+                                                epoch * passes + p) for p in range(passes)])
     labels = np.reshape(np.asarray(labels), [-1])
     for name, value in (("identities_per_batch", identities_per_batch),
                         ("images_per_identity", images_per_identity)):
@@ -314,27 +323,31 @@ def pk_batch_indices(labels, identities_per_batch, images_per_identity, seed=0, 
         raise ValueError(f"identities_per_batch={identities_per_batch} but the labels hold only "
                          f"{len(persons)} persons")
     rng = np.random.default_rng([int(seed), 5, int(epoch)])
-    by_person = {person: np.flatnonzero(labels == person) for person in persons}
-    order = rng.permutation(persons)
-    steps = len(persons) // identities_per_batch
-    batches = np.zeros((steps, identities_per_batch * images_per_identity), np.int64)
-    for step in range(steps):
-        row = []
-        for person in order[step * identities_per_batch:(step + 1) * identities_per_batch]:
-            photos = by_person[person]
-            row.extend(rng.choice(photos, images_per_identity,
-                                  replace=len(photos) < images_per_identity))
-        batches[step] = row
+    photos = {}
+    for person in persons:
+        own = rng.permutation(np.flatnonzero(labels == person))
+        if len(own) < images_per_identity:
+            own = np.concatenate([own, rng.choice(own, images_per_identity - len(own))])
+        photos[person] = own
+    rounds = min(len(own) for own in photos.values()) // images_per_identity
+    per_round = len(persons) // identities_per_batch
+    batches = np.zeros((rounds * per_round, identities_per_batch * images_per_identity), np.int64)
+    for r in range(rounds):
+        order = rng.permutation(persons)
+        for step in range(per_round):
+            chosen = order[step * identities_per_batch:(step + 1) * identities_per_batch]
+            batches[r * per_round + step] = np.concatenate(
+                [photos[p][r * images_per_identity:(r + 1) * images_per_identity] for p in chosen])
     return batches
 
 
 def pk_batches(images, labels, identities_per_batch, images_per_identity, seed=0, first_epoch=0,
-               epochs=1):
+               epochs=1, passes=1):
     """A ``tf.data`` stream of (images [P*K, H, W, 3] float32, labels [P*K] int32) batches for epochs
-    ``first_epoch .. epochs - 1`` (``pk_batch_indices`` of each epoch, chained). ``images`` uint8 or
+    ``first_epoch .. epochs - 1`` (``pk_batch_indices`` of each epoch, ``passes`` passes each, chained). ``images`` uint8 or
     float32 [N, H, W, 3] (uint8 is divided by 255)."""
     indices = np.concatenate([pk_batch_indices(labels, identities_per_batch, images_per_identity,
-                                               seed, epoch)
+                                               seed, epoch, passes)
                               for epoch in range(int(first_epoch), max(int(epochs), int(first_epoch) + 1))])
     images = tf.constant(images)
     labels = tf.constant(np.asarray(labels, np.int32))
@@ -506,3 +519,71 @@ def evaluate_verification(pair_distance_fn, val_labels, test_labels, seed=0, way
         "test_one_shot_top1": one_shot_accuracy(one_shot_fn, test_labels, way, episodes, seed),
         "test_pairs": (ta, tb, test_same, test_distances),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------------------
+
+def plot_roc(curves: dict, operating_points: dict | None = None, save_path=None):
+    """ROC curves {name: (distances, same)} in one plot, each labelled with its AUC; optional
+    ``operating_points`` {name: threshold} marked with a dot. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    from common import viz
+
+    figure, ax = plt.subplots(figsize=(4.6, 4.2))
+    for name, (distances, same) in curves.items():
+        fpr, tpr, thresholds = roc_curve(distances, same)
+        line, = ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(distances, same):.3f})")
+        if operating_points and name in operating_points:
+            k = max(0, np.searchsorted(thresholds, operating_points[name], side="right") - 1)
+            ax.plot(fpr[k], tpr[k], "o", color=line.get_color())
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("false accept rate (different persons accepted)")
+    ax.set_ylabel("true accept rate (same person accepted)")
+    ax.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    return viz.save_figure(figure, save_path)
+
+
+def plot_distance_histograms(panels: dict, save_path=None, bins=40):
+    """Histograms of same- vs different-person distances, one panel per {title: (distances, same,
+    threshold or None)}. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    from common import viz
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, (distances, same, threshold)) in zip(axes[0], panels.items()):
+        distances, same = np.asarray(distances), np.asarray(same, bool)
+        edges = np.linspace(distances.min(), distances.max(), bins + 1)
+        ax.hist(distances[same], edges, alpha=0.6, label="same person", density=True)
+        ax.hist(distances[~same], edges, alpha=0.6, label="different persons", density=True)
+        if threshold is not None:
+            ax.axvline(threshold, color="black", linestyle="--", label=f"tau = {threshold:.3g}")
+        ax.set_title(title)
+        ax.set_xlabel("distance")
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    return viz.save_figure(figure, save_path)
+
+
+def show_pairs(images, first, second, distances, same, threshold, count=6, save_path=None):
+    """Two rows of photo pairs: the closest pairs of *different* persons and the farthest pairs of the
+    *same* person, the ones a threshold gets wrong first. Titles: distance, and "x" when the decision
+    at ``threshold`` is wrong. Returns the figure."""
+    from common import viz
+
+    distances, same = np.asarray(distances), np.asarray(same, bool)
+    different = np.flatnonzero(~same)
+    positives = np.flatnonzero(same)
+    closest_different = different[np.argsort(distances[different])[:count]]
+    farthest_same = positives[np.argsort(-distances[positives])[:count]]
+    tiles, titles = [], []
+    for kind, chosen in (("different", closest_different), ("same", farthest_same)):
+        for k in chosen:
+            tiles.append(np.concatenate([images[first[k]], images[second[k]]], axis=1))
+            wrong = (distances[k] <= threshold) != same[k]
+            titles.append(f"{'x ' if wrong else ''}{kind} d={distances[k]:.2f}")
+    return viz.show_images(np.stack(tiles), titles=titles, cols=count, save_path=save_path)

@@ -32,8 +32,8 @@ import numpy as np
 
 SPLITS = ("train", "validation", "test")
 # Persons per split (each split has its own people) and photos per person, when the caller does not say.
-DEFAULT_IDENTITIES = {"train": 500, "validation": 60, "test": 100}
-DEFAULT_IMAGES_PER_IDENTITY = {"train": 12, "validation": 10, "test": 10}
+DEFAULT_IDENTITIES = {"train": 1000, "validation": 60, "test": 100}
+DEFAULT_IMAGES_PER_IDENTITY = {"train": 8, "validation": 10, "test": 10}
 # Global person number = offset of the split + identity: disjoint ranges, so no person is in two splits.
 SPLIT_OFFSETS = {"train": 0, "validation": 1_000_000, "test": 2_000_000}
 MAX_IDENTITIES_PER_SPLIT = 1_000_000
@@ -143,7 +143,7 @@ def _draw_face(p, rng, canvas):
     smile = rng.uniform(-0.6, 1.0)
     openness = rng.uniform(0.35, 1.15)
     brow_raise = rng.uniform(-0.05, 0.12)
-    turn = rng.uniform(-1.0, 1.0)  # -1 .. 1: the inner features move sideways, the far side narrows
+    turn = rng.uniform(-0.8, 0.8)  # a turn of the head: the inner features move sideways, the far side narrows
     fx = cx + turn * 0.18 * a      # centre line of the features
     squeeze = 1.0 - 0.15 * abs(turn)
     skin = p["skin"] * rng.uniform(0.96, 1.04)
@@ -284,7 +284,7 @@ def make_face(identity: int, index: int, split: str = "train", seed: int = 0,
     canvas = 2 * image_size  # drawn at twice the size, then warped down (smoother edges)
     layer, alpha = _draw_face(p, rng, canvas)
     # Pose: in-plane rotation, scale, shift; one affine warp of canvas -> image coordinates.
-    angle = rng.uniform(-20.0, 20.0)
+    angle = rng.uniform(-15.0, 15.0)
     scale = 0.5 * rng.uniform(0.8, 1.1)
     shift = rng.uniform(-0.1, 0.1, 2) * image_size
     matrix = cv2.getRotationMatrix2D((canvas / 2, canvas / 2), angle, scale)
@@ -292,19 +292,19 @@ def make_face(identity: int, index: int, split: str = "train", seed: int = 0,
     face = cv2.warpAffine(layer, matrix, (image_size, image_size), flags=cv2.INTER_LINEAR)
     mask = cv2.warpAffine(alpha, matrix, (image_size, image_size), flags=cv2.INTER_LINEAR)[..., None]
     image = _background(rng, image_size) * (1.0 - mask) + face * mask
-    if rng.random() < 0.15:  # an occluding bar (a hand, a scarf, a microphone)
-        y0 = int(rng.integers(image_size // 3, image_size))
+    if rng.random() < 0.05:  # an occluding bar below the eyes (a hand, a scarf, a microphone)
+        y0 = int(rng.integers(image_size // 2, image_size))
         height = int(rng.integers(image_size // 12, image_size // 5))
         cv2.rectangle(image, (0, y0), (image_size, y0 + height), _colour(rng.uniform(0, 1, 3)), -1)
     # Lighting: brightness, a directional gradient (light from one side), a colour cast.
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32) / image_size - 0.5
     direction = rng.uniform(0, 2 * np.pi)
-    light = rng.uniform(0.6, 1.3) * (1.0 + rng.uniform(0.0, 0.8) *
+    light = rng.uniform(0.75, 1.2) * (1.0 + rng.uniform(0.0, 0.6) *
                                      (np.cos(direction) * xx + np.sin(direction) * yy))
-    image = image * light[..., None] * rng.uniform(0.88, 1.12, 3)
+    image = image * light[..., None] * rng.uniform(0.94, 1.06, 3)
     if rng.random() < 0.3:
         image = cv2.GaussianBlur(image.astype(np.float32), (0, 0), rng.uniform(0.5, 1.2))
-    image = image + rng.normal(0.0, rng.uniform(0.005, 0.05), image.shape)
+    image = image + rng.normal(0.0, rng.uniform(0.005, 0.03), image.shape)
     return {"image": np.clip(image, 0.0, 1.0).astype(np.float32), "label": np.int32(identity)}
 
 

@@ -201,20 +201,88 @@ def test_roc_auc_threshold_and_one_shot_against_references():
 
 
 def test_pk_batches_are_deterministic_and_hold_k_photos_of_p_persons():
-    labels = np.repeat(np.arange(10), 5)
+    labels = np.repeat(np.arange(10), 6)
     batches = siamese.pk_batch_indices(labels, 4, 3, seed=1, epoch=2)
-    assert batches.shape == (2, 12)
+    assert batches.shape == (2 * 2, 12)  # 6 // 3 = 2 rounds of 10 // 4 = 2 batches
     np.testing.assert_array_equal(batches, siamese.pk_batch_indices(labels, 4, 3, seed=1, epoch=2))
     assert not np.array_equal(batches, siamese.pk_batch_indices(labels, 4, 3, seed=1, epoch=3))
     for batch in batches:
         persons, counts = np.unique(labels[batch], return_counts=True)
         assert len(persons) == 4 and np.all(counts == 3)
-        assert len(set(batch)) == 12  # 5 photos each: no repeats needed
-    assert len(set(labels[batches.ravel()])) == 8  # each person at most once per epoch
-    images = np.arange(50, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    assert len(set(batches.ravel())) == batches.size  # no photo twice in an epoch
+    for r in range(2):  # each person at most once per round
+        persons = labels[batches[2 * r:2 * r + 2].ravel()]
+        assert len(set(persons)) == 8
+    # A person with fewer than K photos repeats some; the order of the labels does not matter.
+    few = siamese.pk_batch_indices(np.array([0, 1, 1, 0, 2, 2]), 2, 3, seed=0)
+    assert few.shape == (1, 6)
+    images = np.arange(60, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
     stream = list(siamese.pk_batches(images, labels, 4, 3, seed=1, first_epoch=2, epochs=4))
-    assert len(stream) == 4
+    assert len(stream) == 8
     np.testing.assert_allclose(stream[0][0].numpy()[:, 0, 0, 0], batches[0] / 255.0, rtol=1e-6)
     np.testing.assert_array_equal(stream[1][1].numpy(), labels[batches[1]])
     with pytest.raises(ValueError, match="identities_per_batch"):
         siamese.pk_batch_indices(labels, 11, 2)
+    # An epoch of several passes: the passes are epochs of one pass, numbered on.
+    two = siamese.pk_batch_indices(labels, 4, 3, seed=1, epoch=1, passes=2)
+    np.testing.assert_array_equal(two, np.concatenate([siamese.pk_batch_indices(labels, 4, 3, seed=1, epoch=2),
+                                                       siamese.pk_batch_indices(labels, 4, 3, seed=1, epoch=3)]))
+    with pytest.raises(ValueError, match="passes"):
+        siamese.pk_batch_indices(labels, 4, 3, passes=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The script, in-process, FAST
+# --------------------------------------------------------------------------------------------------
+
+METRIC_KEYS = {"test_verification_accuracy", "test_roc_auc", "test_one_shot_top1", "val_verification_accuracy",
+               "verification_threshold", "test_pixel_verification_accuracy", "test_pixel_roc_auc",
+               "test_pixel_one_shot_top1", "train_seconds", "epochs", "parameters"}
+
+
+@pytest.mark.slow
+def test_fast_triplet_run_writes_metrics_that_an_independent_check_reproduces(tmp_path):
+    from ch04_classification import train_siamese
+    from common import faces
+
+    out = tmp_path / "run"
+    metrics = train_siamese.main(["--fast", "--out", str(out), "--mining", "semi_hard"])
+    for name in ("metrics.json", "config.json", "roc.png", "distances.png", "pairs.png", "model.keras",
+                 "history.png", "checkpoint/state.npz"):
+        assert (out / name).is_file(), name
+    written = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(written) and written == pytest.approx(metrics)
+    for key in METRIC_KEYS - {"train_seconds", "epochs", "parameters"}:
+        if key != "verification_threshold":
+            assert 0.0 <= written[key] <= 1.0, key
+
+    # Reload the saved encoder, embed the test persons again, score the same pairs with scikit-learn.
+    config = json.loads((out / "config.json").read_text())
+    images, labels = faces.make_faces("test", config["num_test_identities"], config["eval_images_per_identity"],
+                                      seed=config["seed"], image_size=config["image_size"])
+    images = np.round(images * 255).astype(np.uint8).astype(np.float32) / 255.0
+    encoder = keras.saving.load_model(out / "model.keras")
+    embeddings = encoder(images, training=False).numpy()
+    first, second, same = siamese.verification_pairs(labels, seed=config["seed"] + 1)
+    distances = ((embeddings[first] - embeddings[second]) ** 2).sum(-1)
+    assert written["test_roc_auc"] == pytest.approx(roc_auc_score(same, -distances), abs=2e-3)
+    accuracy = np.mean((distances <= written["verification_threshold"]) == same)
+    assert written["test_verification_accuracy"] == pytest.approx(accuracy, abs=2e-3)
+    pixels = images.reshape(len(images), -1)
+    pixel_distances = ((pixels[first] - pixels[second]) ** 2).sum(-1)
+    assert written["test_pixel_roc_auc"] == pytest.approx(roc_auc_score(same, -pixel_distances), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_fast_binary_run_and_option_errors(tmp_path, capsys):
+    from ch04_classification import train_siamese
+    from common.training import RunError
+
+    metrics = train_siamese.main(["--fast", "--out", str(tmp_path / "binary"), "--loss", "binary"])
+    assert METRIC_KEYS <= set(metrics)
+    for argv, flag in ((["--batch-size", "10", "--images-per-identity", "4"], "--batch-size"),
+                       (["--one-shot-way", "50"], "--one-shot-way"),
+                       (["--eval-images-per-identity", "1"], "--eval-images-per-identity"),
+                       (["--margin", "-1"], "--margin")):
+        with pytest.raises(RunError, match=flag):
+            train_siamese.main(["--fast", "--out", str(tmp_path / "bad"), *argv])
