@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 
 from ch05_detection import anchors as anchor_ops
+from common.training import synchronize_batchnorm
 from ch05_detection import detection_head, roi_ops, rpn, targets
 
 TRAINING_STAGES = ("joint", "rpn", "detector", "rpn_finetune", "detector_finetune")
@@ -275,25 +276,6 @@ def check_images(images, name="images"):
     return images
 
 
-def synchronize_batch_norm(model):
-    """A copy of a functional ``model`` whose BatchNormalization layers are synchronized.
-
-    ``BatchNormalization(synchronized=True)`` computes the batch mean and variance over
-    the whole global batch, all replicas of a ``tf.distribute`` strategy together
-    (all-reduce), instead of over each replica's share: two replicas then train exactly
-    like one device. Same layer names, same weights.
-    """
-    def clone(layer):
-        config = layer.get_config()
-        if isinstance(layer, keras.layers.BatchNormalization):
-            config["synchronized"] = True
-        return layer.__class__.from_config(config)
-
-    copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
 def _check_anchor_shapes_fit(anchor_valid, config):
     """ValueError if some anchor shape is never inside the image.
 
@@ -322,7 +304,7 @@ def build_backbone(config):
     height, width = config.image_size
     backbone = get_backbone(config.backbone, (height, width, 3), output_stride=config.output_stride,
                             **config.backbone_options)
-    return synchronize_batch_norm(backbone) if config.synchronized_batch_norm else backbone
+    return synchronize_batchnorm(backbone) if config.synchronized_batch_norm else backbone
 
 
 def load_backbone_weights(model_or_backbone, classifier_path):

@@ -258,7 +258,7 @@ def synchronize_batchnorm(model):
     """A copy of a functional ``model`` whose BatchNormalization layers use the statistics of the whole
     global batch across replicas (``synchronized=True``; Keras all-reduces the moments), so 2 replicas
     of 32 images normalise exactly as 1 replica of 64. Call it inside ``strategy.scope()`` before
-    training (the copy has freshly initialised weights, built from the same seed)."""
+    training."""
 
     def clone(layer):
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -267,7 +267,9 @@ def synchronize_batchnorm(model):
             return keras.layers.BatchNormalization.from_config(config)
         return layer.__class__.from_config(layer.get_config())
 
-    return keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())  # same names, same weights: only the statistics change
+    return copy
 
 
 # --------------------------------------------------------------------------------------------------
