@@ -25,9 +25,9 @@ the plumbing around ``fit`` lives here, written once:
   machine ends on time with a fully decayed learning rate.
 * **logging**: ``SimpleLogCallback`` lines, TensorBoard, a CSV; Ctrl-C prints how to resume.
 * **distribution** (``--strategy``): ``default``, ``mirrored`` (several GPUs, or several CPU devices with
-  ``--cpu-replicas N``) or ``multi_worker_mirrored`` (several machines, ``TF_CONFIG``). Models are built
-  and compiled inside ``run.strategy.scope()`` and ``--batch-size`` is the *global* batch. Workers
-  other than the chief write into ``<out>/worker_<i>/``.
+  ``--cpu-replicas N``). Models are built and compiled inside ``run.strategy.scope()`` and
+  ``--batch-size`` is the *global* batch. ``multi_worker_mirrored`` (several machines) is refused with
+  the reason: Keras 3.15's ``fit`` fails under it (keras-team/keras#20585).
 * **XLA** (``--jit-compile auto|on|off``).
 * **the record**: ``run.finish(metrics)`` writes ``metrics.json`` with the script's keys plus
   ``train_seconds`` (summed over every resume), ``epochs``, ``replicas`` and ``parameters``, and
@@ -88,7 +88,8 @@ class TrainingConfig:
                 "learning-rate decay shortened to match (0 = no budget)"})
     strategy: str = field(default="default", metadata={
         "help": "tf.distribute strategy: default (one device), mirrored (all local GPUs, or "
-                "--cpu-replicas CPU devices), multi_worker_mirrored (machines listed in TF_CONFIG)",
+                "--cpu-replicas CPU devices); multi_worker_mirrored is refused until Keras' fit runs "
+                "under it (keras-team/keras#20585)",
         "choices": STRATEGIES})
     cpu_replicas: int = field(default=1, metadata={
         "help": "split the CPU into this many logical devices (to run --strategy mirrored without GPUs)"})
@@ -143,8 +144,15 @@ def check_shared_options(config):
         fail(f"--strategy must be one of {STRATEGIES}, got {config.strategy!r}")
     if config.jit_compile not in JIT_CHOICES:
         fail(f"--jit-compile must be one of {JIT_CHOICES}, got {config.jit_compile!r}")
+    if config.strategy == "multi_worker_mirrored":
+        # Tried here with two worker processes on localhost: Keras 3.15's fit fails under
+        # MultiWorkerMirroredStrategy, first in its symbolic build (a PerReplica batch it cannot
+        # convert), then in reducing the step's logs across workers (keras-team/keras#20585, open).
+        fail("--strategy multi_worker_mirrored: Keras 3's model.fit does not run under TensorFlow's "
+             "MultiWorkerMirroredStrategy yet (keras-team/keras issue 20585), so training on several "
+             "machines is not available; use --strategy mirrored for all the GPUs of one machine")
     if config.cpu_replicas > 1 and config.strategy == "default":
-        fail("--cpu-replicas N > 1 needs --strategy mirrored (or multi_worker_mirrored)")
+        fail("--cpu-replicas N > 1 needs --strategy mirrored")
 
 
 def differing_options(saved: dict, current: dict) -> list[str]:
@@ -161,11 +169,6 @@ def prepare_out(config) -> Path:
     ``--overwrite`` asks to start again (the old checkpoint, logs and record are deleted).
     """
     out = Path(config.out)
-    if config.strategy == "multi_worker_mirrored" and not is_chief():
-        # Every worker trains the same model; only the chief's folder is the run's record. The others
-        # write beside it, so no two processes write the same file.
-        task = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}").get("task", {})
-        out = out / f"{task.get('type', 'worker')}_{task.get('index', 0)}"
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -237,39 +240,7 @@ def make_strategy(name: str = "default", cpu_replicas: int = 1):
         devices = [d.name for d in tf.config.list_logical_devices("CPU")][:cpu_replicas]
         # One CPU device has nothing to mirror to; the strategy still runs (one replica).
         return tf.distribute.MirroredStrategy(devices=devices)
-    if "TF_CONFIG" not in os.environ:
-        fail("--strategy multi_worker_mirrored needs the TF_CONFIG environment variable listing the "
-             "workers (see the README, 'Training on several GPUs and machines')")
-    communication = tf.distribute.experimental.CommunicationOptions(
-        implementation=tf.distribute.experimental.CommunicationImplementation.RING)
-    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication)
-
-
-def is_chief() -> bool:
-    """True on the worker that writes files (the only one without multi-worker TF_CONFIG)."""
-    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
-    task = tf_config.get("task", {})
-    return task.get("type", "worker") in ("chief",) or (
-        task.get("type", "worker") == "worker" and int(task.get("index", 0)) == 0
-        and "chief" not in tf_config.get("cluster", {}))
-
-
-def synchronize_batchnorm(model):
-    """A copy of a functional ``model`` whose BatchNormalization layers use the statistics of the whole
-    global batch across replicas (``synchronized=True``; Keras all-reduces the moments), so 2 replicas
-    of 32 images normalise exactly as 1 replica of 64. Call it inside ``strategy.scope()`` before
-    training."""
-
-    def clone(layer):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            config = layer.get_config()
-            config["synchronized"] = True
-            return keras.layers.BatchNormalization.from_config(config)
-        return layer.__class__.from_config(layer.get_config())
-
-    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    copy.set_weights(model.get_weights())  # same names, same weights: only the statistics change
-    return copy
+    raise ValueError("multi_worker_mirrored: Keras 3's fit does not run under it (keras-team/keras#20585)")
 
 
 # --------------------------------------------------------------------------------------------------
