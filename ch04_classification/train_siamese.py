@@ -25,10 +25,14 @@ Run from the repo root (CPU is fine):
     python ch04_classification/train_siamese.py --loss binary --out runs/siamese_binary
     python ch04_classification/train_siamese.py --fast                  # a seconds-long smoke run
 
-The default run (no arguments) ends within 10 minutes on a 2-core CPU (the training has a 6-minute
---time-budget-minutes; the rest is drawing the faces and evaluating). Measured on this 2-core CPU while
-other jobs were running (load average about 14): see the table in notebooks/face_verification.ipynb
-and the metrics.json of your run.
+The default run (no arguments) ends within 10 minutes on a 2-core CPU: the training has an 8.5-minute
+--time-budget-minutes, drawing the 9,600 faces and the evaluation take about a minute each. Measured on
+this 2-core CPU shared with other jobs (load average about 12): 7 epochs (42 passes, 5,208 steps) in
+305 s of training, 453 s in all; on the 100 test persons, never seen in training,
+test_verification_accuracy 0.965 (tau 0.757 from the validation persons), test_roc_auc 0.993,
+test_one_shot_top1 0.905 (20 persons, one photo each); the raw-pixel nearest neighbour scores 0.568,
+0.590 and 0.109. The other mining strategies and the binary head are compared in
+notebooks/face_verification.ipynb (section 8).
 """
 
 from __future__ import annotations
