@@ -17,8 +17,8 @@ Each placement is timed twice: the input pipeline alone (iterate the dataset)
 and end-to-end training of a tiny conv net with ``fit()`` (plus fit without
 augmentation, so the cost of augmenting is visible). The data are 512 shapes
 scenes of 128 x 128 px generated once and kept in memory (``.cache()``), so
-scene generation is not what is measured. See DESIGN.md, "Augmentation on the
-accelerator".
+scene generation is not what is measured. Why the placement matters: the augmentation
+notebook (notebooks/tf_data_and_augmentation.ipynb).
 
 Run (about 2-3 minutes on 2 CPU cores):
     python bench/bench_augment.py [--images 512] [--size 128] [--batch 32]

@@ -33,7 +33,7 @@ import keras
 import tensorflow as tf
 
 PACKAGE = "ch06_segmentation"
-IGNORE_LABEL = 255  # DESIGN.md: semantic masks use 255 for "do not score this pixel"
+IGNORE_LABEL = 255  # docs/design.md: semantic masks use 255 for "do not score this pixel"
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Batched data augmentation on the accelerator, with boxes and masks kept consistent.
 
 Every function here takes a whole *batch dict* and a seed and returns a new
-batch dict. The batch follows the repo's data contracts (see DESIGN.md):
+batch dict. The batch follows the repo's data contracts (see docs/design.md):
 
 * classification: ``image`` float32 [B, H, W, 3] in [0, 1], ``label`` [B]
 * semantic segmentation: ``image`` and ``mask`` int32 [B, H, W] (255 = ignore)

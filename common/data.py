@@ -2,7 +2,7 @@
 
 Every chapter asks this module for data by name and gets back an *unbatched*
 ``tf.data.Dataset`` whose elements follow the repo's data contracts
-(DESIGN.md):
+(docs/design.md):
 
 * classification: ``{"image": float32 [H, W, 3] in [0, 1], "label": int32 []}``
 * detection: ``{"image", "boxes": float32 [N, 4] normalized [ymin, xmin, ymax,
