@@ -42,3 +42,16 @@ def test_packages_import_from_anywhere(tmp_path):
     code = "import common, ch04_classification, ch05_detection, ch06_segmentation; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_no_file_cites_a_document_outside_the_repo():
+    """The repo documents itself (docs/design.md); a reader of a clone has nothing else."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.split()
+    outside = ("DESIGN.md", "STYLE.md", "../shared")
+    offenders = [name for name in files if name.endswith((".py", ".md", ".ipynb", ".toml", ".txt"))
+                 and any(word in (REPO_ROOT / name).read_text(errors="ignore") for word in outside)
+                 and name != "tests/test_repo.py"]
+    assert not offenders, offenders
+    assert (REPO_ROOT / "docs" / "design.md").is_file()
