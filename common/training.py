@@ -444,6 +444,13 @@ def _make_recorder(run, stage, planned_epochs, steps_per_epoch, budget_seconds, 
 
         def on_epoch_begin(self, epoch, logs=None):
             self._start = time.perf_counter()
+            self._first_batch_seconds = None
+
+        def on_train_batch_end(self, batch, logs=None):
+            # The first step of a process also traces (and compiles) the step: time it apart.
+            if batch == 0 and not getattr(self, "_traced", False):
+                self._first_batch_seconds = time.perf_counter() - self._start
+                self._traced = True
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self._start
@@ -460,8 +467,11 @@ def _make_recorder(run, stage, planned_epochs, steps_per_epoch, budget_seconds, 
             if budget_seconds:
                 done = epoch + 1
                 spent = state["stage_seconds"][stage]
-                # The cost of the next epochs: the last epoch's (the first one also pays for tracing).
+                # The cost of the next epochs: the last epoch's, without the tracing of the first step.
                 per_epoch = seconds
+                if self._first_batch_seconds is not None and steps_per_epoch > 1:
+                    rest = max(seconds - self._first_batch_seconds, 0.0)
+                    per_epoch = rest * steps_per_epoch / (steps_per_epoch - 1)
                 affordable = done + int(max(0.0, budget_seconds - spent) // max(per_epoch, 1e-9))
                 if affordable < stage_state["last_epoch"]:
                     stage_state["last_epoch"] = max(done, affordable)
