@@ -73,7 +73,7 @@ class TrainConfig(training.TrainingConfig):
         "help": "train on at most this many examples (None: the whole split)"})
     num_val_examples: int | None = field(default=500, metadata={
         "help": "validate on at most this many examples (None: the whole split)"})
-    epochs: int = field(default=12, metadata={"help": "passes over the training examples"})
+    epochs: int = field(default=16, metadata={"help": "passes over the training examples"})
     batch_size: int = field(default=64, metadata={"help": "examples per step, over all replicas"})
     optimizer: str = field(default="adam", metadata={"help": "optimizer", "choices": training.OPTIMIZERS})
     learning_rate: float | None = field(default=None, metadata={
