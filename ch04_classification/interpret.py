@@ -194,7 +194,7 @@ class _ScoreNetwork:
     def function(self, name, build):
         """A tf.function made once per network by `build(self)` (so repeated calls reuse traces)."""
         if name not in self._functions:
-            self._functions[name] = build(self)
+            self._functions[name] = _quietly(build(self))
         return self._functions[name]
 
     def __call__(self, images):
@@ -209,6 +209,25 @@ class _ScoreNetwork:
 
     def probabilities(self, scores):
         return tf.sigmoid(scores) if self.probability == "sigmoid" else tf.nn.softmax(scores, axis=-1)
+
+
+def _quietly(function):
+    """Call `function` with TensorFlow's retracing warnings off.
+
+    Every model (and its guided and re-initialised copies) gets its own traced functions, which
+    TensorFlow's retracing detector counts as one function traced again and again.
+    """
+
+    def call(*args):
+        logger = tf.get_logger()
+        level = logger.level
+        logger.setLevel("ERROR")
+        try:
+            return function(*args)
+        finally:
+            logger.setLevel(level)
+
+    return call
 
 
 # Score networks and guided copies are made once per model and reused (with their traced
@@ -459,10 +478,7 @@ def _layer_geometry(layer, node, inputs):
     ):
         return None  # vectors, global pooling (also squeeze-and-excitation branches)
     if not spatial_inputs:
-        raise ValueError(
-            f"cannot compute a receptive field through layer {layer.name!r} ({type(layer).__name__}): "
-            "it makes a feature map out of a vector"
-        )
+        return None  # a map made from a vector (the Reshape of a squeeze-and-excitation branch)
     geometry = spatial_inputs[0] if len(spatial_inputs) == 1 else _union(spatial_inputs)
     lengths = node.input_tensors[0].shape[1:3]
     name = type(layer).__name__
@@ -554,7 +570,12 @@ def receptive_field(model, layer_name):
 
 
 def receptive_field_box(geometry, row, col):
-    """Inclusive pixel box (top, left, bottom, right) seen by unit (row, col); may leave the image."""
+    """Inclusive pixel box (top, left, bottom, right) seen by unit (row, col); may leave the image.
+
+    The box is the theoretical field: where it leaves the image the unit sees padding, and a
+    "valid" strided layer that drops the last row or column of its input leaves those pixels
+    inside the box but unseen.
+    """
     top = geometry.start[0] + row * geometry.stride[0] - (geometry.size[0] - 1) / 2.0
     left = geometry.start[1] + col * geometry.stride[1] - (geometry.size[1] - 1) / 2.0
     top, left = int(math.floor(top + 1e-6)), int(math.floor(left + 1e-6))
@@ -692,6 +713,7 @@ def class_visualization(model, class_index, steps=200, step_size=0.05, l2_decay=
         updated = image + step_size * scale * gradient
         image.assign(middle + (1.0 - l2_decay) * (updated - middle))
 
+    ascent_step = _quietly(ascent_step)
     for step in range(int(steps)):
         ascent_step(tf.constant(rng.integers(-jitter, jitter + 1, size=2), tf.int32))
         if blur_every and blur_sigma > 0 and step % int(blur_every) == 0:
@@ -1059,16 +1081,10 @@ def sanity_check(model, images, class_index, methods=METHODS, randomized_model=N
     randomized_model = randomized_model or randomized_copy(model, seed=seed)
     method_options = method_options or {}
     results = {}
-    logger = tf.get_logger()
-    level = logger.level
-    logger.setLevel("ERROR")  # each new model traces its own tf.functions once: not a retracing problem
-    try:
-        for method in methods:
-            options = method_options.get(method, {})
-            trained = explain(method, model, images, class_index, **options)
-            random = explain(method, randomized_model, images, class_index, **options)
-            correlations = [rank_correlation(t, r) for t, r in zip(trained, random)]
-            results[method] = float(np.mean(correlations)) if correlations else float("nan")
-    finally:
-        logger.setLevel(level)
+    for method in methods:
+        options = method_options.get(method, {})
+        trained = explain(method, model, images, class_index, **options)
+        random = explain(method, randomized_model, images, class_index, **options)
+        correlations = [rank_correlation(t, r) for t, r in zip(trained, random)]
+        results[method] = float(np.mean(correlations)) if correlations else float("nan")
     return results

@@ -60,13 +60,13 @@ class Config(training.TrainingConfig):
     num_train_examples: int = field(default=12000, metadata={"help": "single-object training images"})
     num_val_examples: int = field(default=300, metadata={
         "help": "held-out images for the accuracy and the pointing game"})
-    pretrain_examples: int = field(default=10000, metadata={
+    pretrain_examples: int = field(default=24000, metadata={
         "help": "centred-shape images of the first stage (0 = no first stage)"})
-    pretrain_epochs: int = field(default=10, metadata={"help": "passes over the centred-shape images"})
+    pretrain_epochs: int = field(default=5, metadata={"help": "passes over the centred-shape images"})
     pretrain_image_size: int = field(default=32, metadata={
         "help": "side of the centred-shape images; half --image-size gives shapes of the same size in "
                 "pixels as the single-object scenes"})
-    epochs: int = field(default=2, metadata={"help": "passes over the single-object images"})
+    epochs: int = field(default=3, metadata={"help": "passes over the single-object images"})
     batch_size: int = field(default=32, metadata={"help": "examples per step"})
     learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate (Adam) of each stage"})
     warmup_epochs: float = field(default=0.0, metadata={"help": "linear warm-up from 0 over this many epochs"})
@@ -242,12 +242,14 @@ def centred_shape_dataset(num_examples, split="train", seed=0, image_size=32):
     Returns images uint8 [N, S, S, 3] (kept as bytes to save memory; the input pipeline divides by
     255) and labels int32 [N].
     """
-    examples = [synthetic.make_classification_example(i, split, seed, image_size)
-                for i in range(int(num_examples))]
     size = int(image_size)
-    images = np.stack([e["image"] for e in examples]) if examples else np.zeros((0, size, size, 3))
-    return {"images": np.round(images * 255.0).astype(np.uint8),
-            "labels": np.asarray([e["label"] for e in examples], np.int32)}
+    images = np.zeros((int(num_examples), size, size, 3), np.uint8)
+    labels = np.zeros((int(num_examples),), np.int32)
+    for i in range(int(num_examples)):
+        example = synthetic.make_classification_example(i, split, seed, size)
+        images[i] = _as_bytes(example["image"])
+        labels[i] = example["label"]
+    return {"images": images, "labels": labels}
 
 
 def _as_bytes(images):

@@ -547,6 +547,11 @@ def test_every_method_works_on_keras_applications_models():
     # MobileNet v2: 3x3/2 stem, then the 3x3 depthwise convolutions of its blocks.
     assert interpret.receptive_field(mobilenet, "Conv1") == (3, 2)
     assert interpret.receptive_field(mobilenet, "expanded_conv_depthwise") == (7, 2)
+    # EfficientNet-B0: 3x3/2 stem, then block1a's 3x3 depthwise; its squeeze-and-excitation branch
+    # (global pooling, reshape, multiply) does not count.
+    efficientnet = keras.applications.EfficientNetB0(input_shape=(64, 64, 3), weights=None, classes=5)
+    assert interpret.receptive_field(efficientnet, "block1a_project_conv") == (7, 2)
+    assert interpret.grad_cam(efficientnet, images, 0).shape == (2, 2, 2)
     vgg = keras.applications.VGG16(input_shape=(64, 64, 3), weights=None, classes=5)
     with pytest.raises(ValueError, match="global average pooling"):
         interpret.class_activation_map(vgg, images, 0)
