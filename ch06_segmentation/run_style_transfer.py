@@ -1,4 +1,4 @@
-"""Neural style transfer: paint a photograph in the style of another image, by gradient descent on pixels.
+"""Neural style transfer: a photograph painted in the style of another image, by descent on pixels.
 
 What this script teaches (Gatys, Ecker & Bethge 2016, "Image Style Transfer Using Convolutional
 Neural Networks", CVPR): a generated image G starts as the content photograph C and its *pixels*
@@ -24,7 +24,7 @@ Run from the repository root::
     python ch06_segmentation/run_style_transfer.py
     python ch06_segmentation/run_style_transfer.py --fast
     python ch06_segmentation/run_style_transfer.py --content-image me.jpg --style-image art.jpg
-    python ch06_segmentation/run_style_transfer.py --weights imagenet --style-weight 1e4
+    python ch06_segmentation/run_style_transfer.py --weights imagenet --content-layer block4_conv2
     python ch06_segmentation/run_style_transfer.py --help
 
 Writes into ``--out`` (default ``runs/run_style_transfer``): ``config.json``, ``generated.png``
@@ -46,8 +46,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import keras
-import numpy as np
-import tensorflow as tf
 
 from common import viz
 from common.config import parse_config, save_config, write_metrics
@@ -61,7 +59,8 @@ class Config:
     """Neural style transfer (Gatys et al. 2016) on VGG-19 features; no download by default."""
 
     content_image: str = field(default="china.jpg", metadata={
-        "help": f"content photograph: an image file or a bundled sample {sorted(st.SAMPLE_IMAGES)}"})
+        "help": "content photograph: an image file or a bundled sample "
+                f"{sorted(st.SAMPLE_IMAGES)}"})
     style_image: str = field(default="flower_petals", metadata={
         "help": "style image: a file or a bundled sample (flower_petals = the dahlia of "
                 "scikit-learn's flower.jpg, cropped to its petals)"})
@@ -77,17 +76,20 @@ class Config:
                 "(Gatys et al.: mean activation = 1)", "choices": ("rms", "mean")})
     pooling: str = field(default="avg", metadata={
         "help": "VGG pooling: avg (Gatys et al. sec. 2) or max", "choices": ("avg", "max")})
-    content_layer: str = field(default=st.CONTENT_LAYER, metadata={
-        "help": "VGG-19 layer of the content cost (block4_conv2 = Gatys' conv4_2)"})
+    content_layer: str = field(default="block3_conv2", metadata={
+        "help": "VGG-19 layer of the content cost. Gatys et al. use block4_conv2 (conv4_2) with "
+                "trained weights; with random weights a shallower layer keeps the layout "
+                "recognisable (notebooks/style_transfer.ipynb compares them)"})
     style_layers: tuple[str, ...] = field(default=st.STYLE_LAYERS, metadata={
         "help": "VGG-19 layers of the style cost, comma-separated (Gatys' conv1_1 .. conv5_1)"})
     style_layer_weights: tuple[float, ...] = field(default=(), metadata={
         "help": "weight w_l of each style layer, comma-separated (empty: 1 / number of layers)"})
-    content_weight: float = field(default=1.0, metadata={"help": "alpha, weight of the content cost"})
+    content_weight: float = field(default=1.0, metadata={
+        "help": "alpha, weight of the content cost"})
     style_weight: float = field(default=2e8, metadata={
         "help": "beta, weight of the style cost (the content cost grows with the image area: "
                 "scale beta with it when you change --image-size)"})
-    tv_weight: float = field(default=100.0, metadata={
+    tv_weight: float = field(default=30.0, metadata={
         "help": "weight of the total variation of G (0 = off); it smooths the noise that "
                 "random features otherwise leave"})
     init: str = field(default="content", metadata={
@@ -97,7 +99,7 @@ class Config:
                 "choice)", "choices": st.OPTIMIZERS})
     learning_rate: float = field(default=0.01, metadata={
         "help": "Adam's step size on the [0, 1] pixel scale (not used by lbfgs)"})
-    steps: int = field(default=200, metadata={"help": "optimisation steps (L-BFGS: iterations)"})
+    steps: int = field(default=150, metadata={"help": "optimisation steps (L-BFGS: iterations)"})
     time_budget_minutes: float = field(default=4.5, metadata={
         "help": "stop the optimisation after this many minutes (0 = no limit)"})
     log_every: int = field(default=20, metadata={"help": "print the costs every this many steps"})
@@ -132,7 +134,8 @@ def check_config(config: Config):
                  "time_budget_minutes"):
         value = getattr(config, flag)
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
+            raise ValueError(
+                f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
     if config.log_every < 0:
         raise ValueError(f"--log-every must be >= 0, got {config.log_every}")
 
@@ -182,8 +185,8 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
 
     content, style = load_images(config)
-    # The normalisation statistics come from C and S (S resized to C's size so both count alike).
-    normalization_images = tf.stack([content, tf.image.resize(style, content.shape[:2])])
+    # Filters are normalised on C and S, each image counting alike.
+    normalization_images = [content, style]
     layers = (config.content_layer, *config.style_layers)
     extractor = st.build_feature_extractor(layers, weights=config.weights, pooling=config.pooling,
                                            normalization_images=normalization_images,

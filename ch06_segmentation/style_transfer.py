@@ -22,8 +22,9 @@ over the pixels of G. The network's weights stay fixed; the image is the variabl
   cut after the deepest requested layer, returning {layer name: activations}; max pooling can be
   replaced by average pooling, which Gatys et al. found gives slightly better results (sec. 2).
 * ``normalize_filter_activations``: Gatys et al.'s normalisation (sec. 2): each filter is scaled so
-  that its mean activation over the images and positions is 1. Every layer then speaks at the same
-  volume, so equal layer weights w_l mean equal say.
+  that its mean activation over the images and positions is 1 (here by default its root mean
+  square, which suits random weights better). Every layer then speaks at about the same volume,
+  so equal layer weights w_l mean about equal say.
 * ``StyleTransfer`` / ``optimize``: the optimisation of the pixels under ``tf.function``, with
   Adam (Kingma & Ba 2015) or L-BFGS-B through scipy (Gatys et al. used L-BFGS), started from the
   content image or from noise, pixels kept in [0, 1].
@@ -57,6 +58,9 @@ from ch04_classification import models as ch04_models
 CONTENT_LAYER = "block4_conv2"
 STYLE_LAYERS = ("block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1", "block5_conv1")
 OPTIMIZERS = ("adam", "lbfgs")
+# normalize_filter_activations: filters smaller than this fraction of their layer's median are
+# scaled as if they had that size.
+MIN_FILTER_SIZE = 0.1
 INITIALIZATIONS = ("content", "noise")
 
 
@@ -317,10 +321,10 @@ def build_feature_extractor(layer_names=(CONTENT_LAYER,) + STYLE_LAYERS, weights
             ``train_classifier.py --model vgg19``.
         pooling: "avg" replaces VGG's max pooling by average pooling (Gatys et al. 2016, sec. 2),
             "max" keeps it.
-        normalization_images: if given, float [N, H, W, 3] in [0, 1]: the filters are rescaled so
-            that each has activations of size 1 on these images (``normalize_filter_activations``
-            with `statistic`). Needed for random weights, whose layers otherwise differ in scale
-            by orders of magnitude.
+        normalization_images: if given, images in [0, 1] ([N, H, W, 3], or a list of [H, W, 3] of
+            any sizes): the filters are rescaled so that each has activations of size 1 on them
+            (``normalize_filter_activations`` with `statistic`). Needed for random weights, whose
+            layers otherwise differ in scale by orders of magnitude.
         statistic: "rms" or "mean" (Gatys et al.), see ``normalize_filter_activations``.
     Returns:
         a keras.Model whose output is a dict {layer name: [batch, h, w, channels]}. Its weights are
@@ -353,7 +357,8 @@ def build_feature_extractor(layer_names=(CONTENT_LAYER,) + STYLE_LAYERS, weights
     return extractor
 
 
-def normalize_filter_activations(extractor, images, statistic="rms", preserve_function=True):
+def normalize_filter_activations(extractor, images, statistic="rms", preserve_function=True,
+                                 min_relative_size=MIN_FILTER_SIZE):
     """Rescale every filter so that its activation has size 1 on `images`, in place.
 
     Gatys et al. 2016, sec. 2: "We normalized the network by scaling the weights such that the
@@ -365,51 +370,71 @@ def normalize_filter_activations(extractor, images, statistic="rms", preserve_fu
 
     statistic="mean" is Gatys et al.'s choice (for the trained VGG). statistic="rms" (the default)
     makes the root mean square sqrt(E[a^2]) of each filter 1 instead, i.e. every diagonal entry of
-    the Gram matrix divided by n_H n_W is 1 on `images`. For random weights this is what balances
-    the layers: their activations are heavy-tailed (a few positions 100-500 times the mean), so
-    dividing by the mean blows rare filters up, and on china.jpg / flower.jpg at 128 px the five
-    style layers' costs then spread over three orders of magnitude (block5_conv1 ~1000x
-    block1_conv1) while with the RMS they stay within a factor of about 5.
+    the Gram matrix divided by n_H n_W is 1 on average over `images` (and by Cauchy-Schwarz no
+    entry exceeds the diagonal ones). Random activations are heavy-tailed (a few positions 100-500
+    times the mean) and many filters are silent almost everywhere: their mean is tiny, and dividing
+    by it blows them up; the RMS is the steadier measure of a filter's size.
     preserve_function=False leaves the next layer alone, so each layer sees inputs of unit size
     (a data-dependent initialisation, Kraehenbuehl et al. 2016).
 
-    A filter that is zero everywhere on `images` (a dead ReLU) is left as it is.
+    A filter whose size is below `min_relative_size` (default 0.1) times the median of its layer
+    (a dead ReLU, or one that fires at a handful of positions) gets the scale of a filter of that
+    size, so it cannot be amplified a millionfold and explode on an image where it does fire.
+    Random networks have such filters: measured on china.jpg against the petals at 128 px, the
+    style costs of the five layers of Gatys et al. spread over a factor of 100 with the mean and no
+    floor (min_relative_size=0; block3_conv1 197, block1_conv1 1.9), and over a factor of about 6
+    with the floor or with the RMS, so that equal layer weights mean roughly equal say.
 
     Args:
         extractor: a model from ``build_feature_extractor`` (any chain of Conv2D and pooling layers
             after an optional preprocessing layer).
-        images: float [N, H, W, 3] in [0, 1], e.g. the content and the style image.
+        images: float [N, H, W, 3] in [0, 1], or a list of [H, W, 3] images of any sizes (e.g. the
+            content and the style image); each image counts alike.
         statistic: "rms" or "mean".
         preserve_function: see above.
+        min_relative_size: the floor, as a fraction of the layer's median filter size.
     Returns:
         {conv layer name: the scale s applied to its filters, [channels]}.
     """
     if statistic not in ("rms", "mean"):
         raise ValueError(f'statistic must be "rms" or "mean", got {statistic!r}')
-    images = tf.convert_to_tensor(images, tf.float32)
-    if images.shape.rank != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be [N, H, W, 3] in [0, 1], got shape {images.shape}")
-    x = images
+    if isinstance(images, (list, tuple)):
+        batches = [_as_image_batch(image, "images") for image in images]
+    else:
+        batch = tf.convert_to_tensor(images, tf.float32)
+        if batch.shape.rank != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"images must be [N, H, W, 3] in [0, 1] or a list of [H, W, 3], "
+                             f"got shape {batch.shape}")
+        batches = [batch[index:index + 1] for index in range(batch.shape[0])]
+    if not batches:
+        raise ValueError("images is empty: give at least one image to normalise on")
+    xs = batches
     scales = {}
     previous_scale = None
     for layer in extractor.layers[1:]:
-        if isinstance(layer, keras.layers.Conv2D):
-            if preserve_function and previous_scale is not None:
-                kernel, bias = layer.get_weights()
-                layer.set_weights([kernel / previous_scale[None, None, :, None], bias])
-            x = layer(x)
-            if statistic == "mean":
-                size = tf.reduce_mean(x, axis=(0, 1, 2)).numpy()  # [channels]
-            else:
-                size = tf.sqrt(tf.reduce_mean(tf.square(x), axis=(0, 1, 2))).numpy()
-            scale = np.where(size > 1e-12, 1.0 / np.maximum(size, 1e-12), 1.0).astype(np.float32)
-            kernel, bias = layer.get_weights()
-            layer.set_weights([kernel * scale, bias * scale])
-            x = x * scale
-            scales[layer.name] = scale
-            previous_scale = scale
+        if not isinstance(layer, keras.layers.Conv2D):
+            xs = [layer(x) for x in xs]
+            continue
+        kernel, bias = layer.get_weights()
+        if preserve_function and previous_scale is not None:
+            kernel = kernel / previous_scale[None, None, :, None]
+            layer.set_weights([kernel, bias])
+        xs = [layer(x) for x in xs]
+        # Each image counts alike, whatever its size: the mean over images of a per-image mean.
+        if statistic == "mean":
+            size = np.mean([tf.reduce_mean(x, axis=(0, 1, 2)).numpy() for x in xs], axis=0)
         else:
-            x = layer(x)
+            size = np.sqrt(np.mean([tf.reduce_mean(tf.square(x), axis=(0, 1, 2)).numpy()
+                                    for x in xs], axis=0))
+        # A filter (almost) silent on these images is scaled like one at a tenth of the layer's
+        # median size, so that one which is rare here cannot blow up on another image.
+        floor = np.maximum(size, min_relative_size * float(np.median(size)))
+        scale = np.where(floor > 0, 1.0 / np.where(floor > 0, floor, 1.0), 1.0)
+        scale = scale.astype(np.float32)  # [channels]; a filter that is 0 everywhere keeps 1
+        layer.set_weights([kernel * scale, bias * scale])
+        xs = [x * scale for x in xs]
+        scales[layer.name] = scale
+        previous_scale = scale
     return scales
 
 
@@ -554,10 +579,10 @@ def optimize(transfer, initial_image, steps, optimizer="lbfgs", learning_rate=0.
     def out_of_time():
         return time_budget_seconds is not None and time.perf_counter() - start > time_budget_seconds
 
-    record(0, transfer.costs(initial_image))
     if optimizer == "adam":
         image = _optimize_adam(transfer, initial_image, steps, learning_rate, record, out_of_time)
     else:
+        record(0, transfer.costs(initial_image))
         image = _optimize_lbfgs(transfer, initial_image, steps, record, out_of_time)
     return image, history
 
@@ -573,12 +598,15 @@ def _optimize_adam(transfer, initial_image, steps, learning_rate, record, out_of
         image.assign(tf.clip_by_value(image, 0.0, 1.0))  # a pixel lives in [0, 1]
         return costs
 
-    for step in range(1, steps + 1):
-        train_step()
-        # The costs of the image after the step (what the history promises).
-        record(step, transfer.costs(tf.convert_to_tensor(image)))
+    step = 0
+    while step < steps:
+        # The costs come with the gradient, i.e. they are those of the image *before* this step:
+        # step k + 1 reports J(G_k). One forward pass per step instead of two.
+        record(step, train_step())
+        step += 1
         if out_of_time():
             break
+    record(step, transfer.costs(tf.convert_to_tensor(image)))  # the final image
     return tf.convert_to_tensor(image)
 
 
@@ -626,7 +654,8 @@ def _optimize_lbfgs(transfer, initial_image, steps, record, out_of_time):
 # --------------------------------------------------------------------------------------------------
 
 # Photographs bundled with scikit-learn (no download), and a crop of one as a texture.
-# "flower_petals": the dahlia's petals, rows/columns as fractions of flower.jpg [ymin, xmin, ymax, xmax].
+# "flower_petals": the dahlia's petals; the crop is [ymin, xmin, ymax, xmax] as fractions of
+# flower.jpg's height and width.
 SAMPLE_IMAGES = {
     "china.jpg": ("china.jpg", None),
     "flower.jpg": ("flower.jpg", None),

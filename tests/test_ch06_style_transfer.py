@@ -192,19 +192,54 @@ def test_normalization_gives_unit_filters_and_preserves_the_function(statistic):
     keras.utils.set_random_seed(2)
     layers = ["block1_conv1", "block2_conv1", "block2_conv2"]
     extractor = st.build_feature_extractor(layers)
-    images = tf.random.stateless_uniform((2, 24, 24, 3), seed=[3, 4])
-    before = extractor(images)
+    # Two images of different sizes; each counts alike (the mean of the per-image statistics).
+    images = [tf.random.stateless_uniform((24, 24, 3), seed=[3, 4]),
+              tf.random.stateless_uniform((16, 40, 3), seed=[5, 6])]
+    before = [extractor(image[None]) for image in images]
     scales = st.normalize_filter_activations(extractor, images, statistic=statistic)
-    after = extractor(images)
+    after = [extractor(image[None]) for image in images]
+
+    def size(outputs, name):
+        if statistic == "mean":
+            per_image = [output[name].numpy().mean(axis=(0, 1, 2)) for output in outputs]
+            return np.mean(per_image, axis=0)
+        per_image = [(output[name].numpy() ** 2).mean(axis=(0, 1, 2)) for output in outputs]
+        return np.sqrt(np.mean(per_image, axis=0))
+
     for name in layers:
-        values = after[name].numpy()
-        size = values.mean(axis=(0, 1, 2)) if statistic == "mean" else np.sqrt(
-            (values ** 2).mean(axis=(0, 1, 2)))
-        alive = before[name].numpy().max(axis=(0, 1, 2)) > 0
-        np.testing.assert_allclose(size[alive], 1.0, rtol=1e-3)
-        # Same function up to one positive scale per channel (Gatys et al.'s rescaling).
-        np.testing.assert_allclose(values, before[name].numpy() * scales[name], rtol=2e-3,
-                                   atol=1e-4)
+        # Same function up to one positive scale per channel (Gatys et al.'s rescaling): the
+        # output of the rescaled network is the original output times the filter's scale.
+        for old, new in zip(before, after):
+            np.testing.assert_allclose(new[name].numpy(), old[name].numpy() * scales[name],
+                                       rtol=2e-3, atol=1e-4)
+        original = size(before, name)
+        normal = original >= st.MIN_FILTER_SIZE * np.median(original)
+        assert normal.mean() > 0.5
+        np.testing.assert_allclose(size(after, name)[normal], 1.0, rtol=1e-3)
+        # Filters below the floor get the scale of a filter at the floor: no huge amplification.
+        assert scales[name].max() <= 1.0001 / (st.MIN_FILTER_SIZE * np.median(original))
+
+
+@pytest.mark.parametrize("min_relative_size", [0.0, st.MIN_FILTER_SIZE])
+def test_normalization_floor_tames_a_near_silent_filter(min_relative_size):
+    keras.utils.set_random_seed(5)
+    extractor = st.build_feature_extractor(["block1_conv1"])
+    layer = extractor.get_layer("block1_conv1")
+    kernel, bias = layer.get_weights()
+    kernel[..., 0] *= 1e-6  # filter 0 is a million times quieter than its neighbours
+    layer.set_weights([kernel, bias])
+    image = tf.random.stateless_uniform((32, 32, 3), seed=[7, 8])
+    features = extractor(image[None])["block1_conv1"].numpy()
+    rms = np.sqrt((features ** 2).mean(axis=(0, 1, 2)))  # [64]
+    scale = st.normalize_filter_activations(extractor, [image],
+                                            min_relative_size=min_relative_size)["block1_conv1"]
+    floor = min_relative_size * np.median(rms)
+    np.testing.assert_allclose(scale[1:], 1.0 / np.maximum(rms[1:], floor), rtol=1e-4)
+    if min_relative_size == 0.0:  # blown up by a million: it would dominate any image it fires on
+        assert scale[0] == pytest.approx(1.0 / rms[0], rel=1e-3)
+        assert scale[0] > 1e5 * np.median(scale)
+    else:  # scaled like a filter at a tenth of the median size
+        assert scale[0] == pytest.approx(1.0 / (min_relative_size * np.median(rms)), rel=1e-4)
 
 
 def test_imagenet_weights_offline_give_a_clear_error(monkeypatch):
@@ -223,7 +258,8 @@ def test_weights_from_a_vgg19_saved_here(tmp_path):
     from ch04_classification.models import get_model
 
     keras.utils.set_random_seed(3)
-    trained = get_model("vgg19", (32, 32, 3), num_classes=5, fc_units=8)  # as train_classifier saves it
+    # A classifier as train_classifier.py saves it (small dense head to keep the file small).
+    trained = get_model("vgg19", (32, 32, 3), num_classes=5, fc_units=8)
     path = tmp_path / "model.keras"
     trained.save(path)
     extractor = st.build_feature_extractor(["block2_conv1"], weights=str(path), pooling="max")
@@ -232,7 +268,8 @@ def test_weights_from_a_vgg19_saved_here(tmp_path):
     images = tf.random.stateless_uniform((1, 32, 32, 3), seed=[5, 6])
     np.testing.assert_allclose(extractor(images)["block2_conv1"], reference(images), rtol=1e-4,
                                atol=1e-5)
-    small = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(64, 3, name="block1_conv1")])
+    small = keras.Sequential([keras.Input((8, 8, 3)),
+                              keras.layers.Conv2D(64, 3, name="block1_conv1")])
     small.save(tmp_path / "small.keras")
     with pytest.raises(ValueError, match="no layer 'block1_conv2'"):
         st.build_feature_extractor(["block1_conv1"], weights=str(tmp_path / "small.keras"))
@@ -248,8 +285,7 @@ def small_transfer():
     content = tf.random.stateless_uniform((32, 40, 3), seed=[7, 8])
     style = tf.random.stateless_uniform((24, 24, 3), seed=[9, 10]) * tf.constant([1.0, 0.5, 0.1])
     layers = ["block1_conv1", "block2_conv1", "block2_conv2"]
-    extractor = st.build_feature_extractor(
-        layers, normalization_images=tf.stack([content, tf.image.resize(style, (32, 40))]))
+    extractor = st.build_feature_extractor(layers, normalization_images=[content, style])
     return st.StyleTransfer(extractor, content, style, content_layer="block2_conv2",
                             style_layers=["block1_conv1", "block2_conv1"], content_weight=1e-3,
                             style_weight=1.0, tv_weight=1e-4)
