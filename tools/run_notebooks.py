@@ -7,7 +7,8 @@ port and fails at once), through nbclient as ``jupyter nbconvert --execute`` doe
 notebook shows its pictures and tables on the web without anyone running it.
 
 Outputs are kept small: figures at 72 dpi (a matplotlibrc for the run), progress-bar carriage returns
-collapsed, very long text cut in the middle, big images scaled down. The notebook's metadata gets
+collapsed, very long text cut in the middle, big images stored with 256 colours (scaled down only
+when that is not enough). The notebook's metadata gets
 ``"cvtf": {"code_sha256": ...}``, a hash of its code cells at the moment they were executed; the test
 suite recomputes it, so a notebook whose code was edited without re-running ``make notebooks`` fails.
 
@@ -43,7 +44,8 @@ TIMEOUT_SECONDS = 300  # per cell; the aim is about 2 minutes for a whole notebo
 MAX_STREAM_LINES = 120  # longer text outputs keep their first and last lines
 MAX_STREAM_CHARS = 20_000
 FIGURE_DPI = 72
-MAX_IMAGE_BYTES = 100_000  # PNGs above this are scaled down
+QUANTIZE_ABOVE_BYTES = 50_000  # PNGs above this get a 256-colour palette
+MAX_IMAGE_BYTES = 150_000  # PNGs still above this are scaled down
 MAX_NOTEBOOK_BYTES = 2_000_000  # a notebook above this is reported as too big
 SKIPPED_PARTS = {".venv", ".ipynb_checkpoints", "runs", "node_modules", "build", "dist"}
 # TensorFlow's C++ logging before absl is initialised ignores TF_CPP_MIN_LOG_LEVEL: "I0000 00:00:17... 123
@@ -137,20 +139,24 @@ def _cut_middle(text: str) -> str:
 
 
 def _smaller_png(data: str) -> str:
-    """A base64 PNG scaled down until it is under MAX_IMAGE_BYTES (unchanged if it already is)."""
+    """A base64 PNG made smaller when it is big: 256 colours (a palette PNG), then, only if that is not
+    enough, scaled down until it is under MAX_IMAGE_BYTES. Small PNGs are returned unchanged."""
     raw = base64.b64decode(data)
-    if len(raw) <= MAX_IMAGE_BYTES:
+    if len(raw) <= QUANTIZE_ABOVE_BYTES:
         return data
     from PIL import Image
 
-    image = Image.open(io.BytesIO(raw))
+    image = Image.open(io.BytesIO(raw)).convert("RGBA")
+    image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
     for _ in range(6):
-        image = image.resize((max(1, image.width * 3 // 4), max(1, image.height * 3 // 4)),
-                             Image.LANCZOS)
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG", optimize=True)
+        image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+            buffer, format="PNG", optimize=True)
         if buffer.tell() <= MAX_IMAGE_BYTES:
             break
+        image = image.resize((max(1, image.width * 3 // 4), max(1, image.height * 3 // 4)), Image.LANCZOS)
+    if buffer.tell() >= len(raw):
+        return data
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -176,7 +182,7 @@ def shrink_outputs(notebook):
     """Keep committed outputs small and stable.
 
     Streams: consecutive pieces merged, TensorFlow's C++ start-up log lines dropped, progress bars
-    collapsed to their last state, long text cut in the middle. Big PNGs scaled down.
+    collapsed to their last state, long text cut in the middle. Big PNGs in 256 colours (smaller if needed).
     """
     for cell in notebook.cells:
         if cell.cell_type != "code":
