@@ -243,6 +243,24 @@ def make_strategy(name: str = "default", cpu_replicas: int = 1):
     raise ValueError("multi_worker_mirrored: Keras 3's fit does not run under it (keras-team/keras#20585)")
 
 
+def synchronize_batchnorm(model):
+    """A copy of a functional ``model`` whose BatchNormalization layers use the statistics of the whole
+    global batch across replicas (``synchronized=True``; Keras all-reduces the moments), so 2 replicas
+    of 32 images normalise exactly as 1 replica of 64. Call it inside ``strategy.scope()`` before
+    training."""
+
+    def clone(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            config = layer.get_config()
+            config["synchronized"] = True
+            return keras.layers.BatchNormalization.from_config(config)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())  # same names, same weights: only the statistics change
+    return copy
+
+
 # --------------------------------------------------------------------------------------------------
 # Learning rate and optimizers
 # --------------------------------------------------------------------------------------------------
