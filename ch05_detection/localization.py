@@ -48,6 +48,7 @@ from ch05_detection import boxes as box_ops
 from common import synthetic
 
 TASKS = ("localization", "landmarks")
+POINT_HEADS = ("heatmap", "dense")
 LOSS_KINDS = ("lecture", "modern")
 NUM_LANDMARKS = synthetic.NUM_LANDMARKS
 # Layout of the localization vector y = [p_c, b_x, b_y, b_h, b_w, c_1..c_K].
@@ -169,19 +170,19 @@ def example_to_target(task: str, num_classes: int, num_landmarks: int = NUM_LAND
 # Augmentation: the eight flips and quarter turns of a square, applied to images *and* targets
 # --------------------------------------------------------------------------------------------------
 def sort_clockwise(points, visible):
-    """Re-number landmarks 1.. clockwise from 12 o'clock about landmark 0 (the centre).
+    """Re-number landmarks 2.. clockwise from landmark 1 about landmark 0 (the centre).
 
-    points [b, L, 2] (x, y), visible [b, L] -> the same, landmarks 1.. reordered with the visible
-    ones first, in the data's convention (common.synthetic: clockwise on screen, y pointing down,
-    starting with the first corner at or after straight up). A mirror image reverses the order of
-    the corners and a quarter turn changes which corner comes first, so augmented targets must be
-    numbered again.
+    points [b, L, 2] (x, y), visible [b, L] -> the same, with landmark 1 (the marked corner) kept
+    first and the other visible corners following it clockwise on screen (y pointing down), the
+    padding after them: the data's convention (common.synthetic). A mirror image reverses the order
+    of the corners, so augmented targets must be numbered again.
     """
     points = tf.convert_to_tensor(points, tf.float32)
     visible = tf.convert_to_tensor(visible, tf.float32)
     center, corners = points[:, :1], points[:, 1:]  # [b, 1, 2], [b, L - 1, 2]
     offset = corners - center
-    angle = tf.math.floormod(tf.atan2(offset[..., 0], -offset[..., 1]), 2.0 * np.pi)  # 0 = up
+    angle = tf.atan2(offset[..., 0], -offset[..., 1])  # 0 = up, pi / 2 = right: clockwise on screen
+    angle = tf.math.floormod(angle - angle[:, :1], 2.0 * np.pi)  # 0 for landmark 1
     slot = tf.range(tf.shape(corners)[1], dtype=tf.float32)[None]
     key = tf.where(visible[:, 1:] > 0, angle, 10.0 + slot)  # padding after every real corner
     order = tf.argsort(key, axis=-1, stable=True)
@@ -243,21 +244,55 @@ def random_dihedral(images, targets, seed, task: str, num_landmarks: int = NUM_L
 
 
 # --------------------------------------------------------------------------------------------------
+# Points from heatmaps: the soft-argmax
+# --------------------------------------------------------------------------------------------------
+@keras.saving.register_keras_serializable(package="ch05_detection")
+class SpatialSoftArgmax(keras.layers.Layer):
+    """Heatmap logits -> the expected position of each channel: [b, H, W, L] -> [b, 2 L] (x_1, y_1, ...).
+
+    Each channel becomes a probability map by a softmax over its H x W positions; the point is the
+    mean of the cell centres ((j + 0.5) / W, (i + 0.5) / H) under it, in normalized image
+    coordinates. Differentiable, so a network trained on coordinates learns the heatmaps by itself
+    ("integral regression", Sun et al., "Integral Human Pose Regression", ECCV 2018, sec. 2; the
+    spatial soft-argmax of Levine et al., JMLR 2016). A heatmap lights up where the point is, which a
+    convolutional network does the same way at every position, where a dense layer regressing
+    coordinates has to learn every position separately.
+    """
+
+    def call(self, logits):
+        logits = tf.convert_to_tensor(logits)
+        height, width, channels = logits.shape[1], logits.shape[2], logits.shape[3]
+        probabilities = tf.nn.softmax(tf.reshape(logits, [-1, height * width, channels]), axis=1)
+        ys, xs = tf.meshgrid((tf.range(height, dtype=logits.dtype) + 0.5) / height,
+                             (tf.range(width, dtype=logits.dtype) + 0.5) / width, indexing="ij")
+        x = tf.reduce_sum(probabilities * tf.reshape(xs, [1, -1, 1]), axis=1)  # [b, L]
+        y = tf.reduce_sum(probabilities * tf.reshape(ys, [1, -1, 1]), axis=1)
+        return tf.reshape(tf.stack([x, y], axis=-1), [-1, 2 * channels])
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 2 * input_shape[-1])
+
+
+# --------------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------------
 def build_localizer(input_shape=(64, 64, 3), num_classes: int = synthetic.NUM_CLASSES,
                     task: str = "localization", num_landmarks: int = NUM_LANDMARKS,
-                    backbone: str = "resnet_small", what_stride: int = 32, where_stride: int = 16,
-                    reduced_channels: int = 32, hidden_units: int = 256, name: str | None = None):
+                    backbone: str = "resnet_small", point_head: str = "heatmap", what_stride: int = 32,
+                    where_stride: int = 16, reduced_channels: int = 32, hidden_units: int = 256,
+                    name: str | None = None):
     """A chapter-4 backbone with a localization or landmark head: [b, H, W, 3] -> [b, outputs] raw.
 
     The head has two branches, because *what* and *where* need different things:
       what:  the deepest feature map (stride `what_stride`) -> global average pooling -> dense ->
              p_c logit and the class (or visibility) logits. Pooling forgets positions, so a shape
              is recognised the same way wherever it is.
-      where: a finer feature map (stride `where_stride`) -> a 1x1 convolution (a dense layer applied
-             at every position, thinning the channels) -> flatten, which keeps each feature's
-             position -> dense -> the box (or the points).
+      where: the lecture's dense regression: a finer feature map (stride `where_stride`) -> a 1x1
+             convolution (a dense layer applied at every position, thinning the channels) ->
+             flatten, which keeps each feature's position -> dense -> the box (or the points).
+             For landmarks, ``point_head="heatmap"`` instead computes one heatmap per point from
+             the stride-8 map (with the stride-16 map upsampled onto it), upsamples it 2x and takes
+             each heatmap's soft-argmax (`SpatialSoftArgmax`).
     Their outputs are put together in the lecture's order.
 
     Args:
@@ -267,12 +302,17 @@ def build_localizer(input_shape=(64, 64, 3), num_classes: int = synthetic.NUM_CL
             "landmarks" -> [b, 1 + 3 L] = [p_c logit, L (x, y), L visibility logits].
         num_landmarks: L.
         backbone: a name of `ch04_classification.models.BACKBONE_NAMES`.
-        what_stride, where_stride: strides (4, 8, 16 or 32) of the feature maps of the two branches.
-        reduced_channels: channels of the 1x1 convolution of the "where" branch.
+        point_head: landmarks only: "heatmap" (soft-argmax of heatmaps) or "dense" (regression).
+        what_stride, where_stride: strides (4, 8, 16 or 32) of the feature maps of the two branches
+            (`where_stride` is the dense regression's).
+        reduced_channels: channels of the 1x1 convolution of the dense "where" branch (and of the
+            heatmap branch's 3x3 convolution, doubled).
         hidden_units: width of each branch's dense layer.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if point_head not in POINT_HEADS:
+        raise ValueError(f"point_head must be one of {POINT_HEADS}, got {point_head!r}")
     num_classes = _check_count(num_classes, "num_classes")
     num_landmarks = _check_count(num_landmarks, "num_landmarks")
     reduced_channels = _check_count(reduced_channels, "reduced_channels")
@@ -280,11 +320,13 @@ def build_localizer(input_shape=(64, 64, 3), num_classes: int = synthetic.NUM_CL
     for stride, argument in ((what_stride, "what_stride"), (where_stride, "where_stride")):
         if stride not in (4, 8, 16, 32):
             raise ValueError(f"{argument} must be 4, 8, 16 or 32, got {stride!r}")
+    heatmaps = task == "landmarks" and point_head == "heatmap"
     if task == "localization":
         what_outputs, where_outputs = num_classes, 4  # class logits; b_x, b_y, b_h, b_w
     else:
         what_outputs, where_outputs = num_landmarks, 2 * num_landmarks  # visibility; points
-    pyramid = models.get_feature_pyramid(backbone, input_shape, strides=sorted({what_stride, where_stride}))
+    strides = {what_stride, where_stride} | ({8, 16} if heatmaps else set())
+    pyramid = models.get_feature_pyramid(backbone, input_shape, strides=sorted(strides))
     inputs = keras.Input(shape=input_shape, name="image")
     feature_maps = pyramid(inputs)  # {"stride_16": [b, H / 16, W / 16, C16], "stride_32": ...}
 
@@ -293,11 +335,21 @@ def build_localizer(input_shape=(64, 64, 3), num_classes: int = synthetic.NUM_CL
     presence = keras.layers.Dense(1, name="presence_logit")(what)  # [b, 1]
     what = keras.layers.Dense(what_outputs, name="what_logits")(what)  # [b, K] or [b, L]
 
-    where = keras.layers.Conv2D(reduced_channels, 1, activation="relu", name="where_1x1")(
-        feature_maps[f"stride_{where_stride}"])
-    where = keras.layers.Flatten(name="where_flatten")(where)  # [b, H / s * W / s * reduced]
-    where = keras.layers.Dense(hidden_units, activation="relu", name="where_hidden")(where)
-    where = keras.layers.Dense(where_outputs, name="where_output")(where)  # [b, 4] or [b, 2 L]
+    if heatmaps:
+        coarse = keras.layers.UpSampling2D(2, interpolation="bilinear", name="where_up16")(
+            feature_maps["stride_16"])  # [b, H / 8, W / 8, C16]
+        where = keras.layers.Concatenate(name="where_merge")([feature_maps["stride_8"], coarse])
+        where = keras.layers.Conv2D(2 * reduced_channels, 3, padding="same", activation="relu",
+                                    name="where_3x3")(where)
+        where = keras.layers.Conv2D(num_landmarks, 1, name="where_heatmaps")(where)  # [b, H/8, W/8, L]
+        where = keras.layers.UpSampling2D(2, interpolation="bilinear", name="where_up8")(where)
+        where = SpatialSoftArgmax(name="where_output")(where)  # [b, 2 L] (x, y) in [0, 1]
+    else:
+        where = keras.layers.Conv2D(reduced_channels, 1, activation="relu", name="where_1x1")(
+            feature_maps[f"stride_{where_stride}"])
+        where = keras.layers.Flatten(name="where_flatten")(where)  # [b, H / s * W / s * reduced]
+        where = keras.layers.Dense(hidden_units, activation="relu", name="where_hidden")(where)
+        where = keras.layers.Dense(where_outputs, name="where_output")(where)  # [b, 4] or [b, 2 L]
 
     # The lecture's order: [p_c, box, classes] or [p_c, points, visibility].
     y = keras.layers.Concatenate(name=f"{task}_output")([presence, where, what])
@@ -378,7 +430,7 @@ def localization_loss(y_true, y_pred, kind: str = "modern", box_weight: float = 
 
 
 def landmark_loss(y_true, y_pred, kind: str = "modern", num_landmarks: int = NUM_LANDMARKS,
-                  point_weight: float = 5.0, beta: float = 0.1):
+                  point_weight: float = 2.0, beta: float = 0.1):
     """Per-image landmark loss: [b, 1 + 3 L] targets and raw outputs -> [b].
 
     "lecture": p = 1: (p̂ - p)^2 + sum over visible points of (x̂ - x)^2 + (ŷ - y)^2
@@ -430,7 +482,7 @@ class LocalizationLoss(keras.losses.Loss):
 class LandmarkLoss(keras.losses.Loss):
     """`landmark_loss` as a Keras loss (mean over the batch): y_true and raw y_pred [b, 1 + 3 L]."""
 
-    def __init__(self, kind="modern", num_landmarks=NUM_LANDMARKS, point_weight=5.0, beta=0.1,
+    def __init__(self, kind="modern", num_landmarks=NUM_LANDMARKS, point_weight=2.0, beta=0.1,
                  name="landmark_loss", **kwargs):
         _check_kind(kind)
         super().__init__(name=name, **kwargs)

@@ -58,13 +58,16 @@ class Config(training.TrainingConfig):
         "help": "lecture (squared error over every output when p_c = 1, only p_c's when p_c = 0) or "
                 "modern (BCE for p_c, CE for the class, smooth L1 for coordinates)",
         "choices": localization.LOSS_KINDS})
+    point_head: str = field(default="heatmap", metadata={
+        "help": "--task landmarks: heatmap (a soft-argmax per point, integral regression) or dense "
+                "(the lecture's regression by a dense layer)", "choices": localization.POINT_HEADS})
     backbone: str = field(default="resnet_small", metadata={
         "help": "a chapter-4 backbone (ch04_classification.models)", "choices": models.BACKBONE_NAMES})
     image_size: int = field(default=64, metadata={"help": "square side of the images"})
     num_train_examples: int = field(default=8000, metadata={"help": "training images (generated once)"})
     num_val_examples: int = field(default=500, metadata={"help": "validation images"})
     epochs: int = field(default=16, metadata={"help": "passes over the training images"})
-    batch_size: int = field(default=64, metadata={"help": "examples per step, over all replicas"})
+    batch_size: int = field(default=32, metadata={"help": "examples per step, over all replicas"})
     learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate (Adam)"})
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up from 0 over this many epochs"})
     coordinate_weight: float = field(default=2.0, metadata={
@@ -91,6 +94,8 @@ def check_config(config):
         raise ValueError(f"--task must be one of {localization.TASKS}, got {config.task!r}")
     if config.loss not in localization.LOSS_KINDS:
         raise ValueError(f"--loss must be one of {localization.LOSS_KINDS}, got {config.loss!r}")
+    if config.point_head not in localization.POINT_HEADS:
+        raise ValueError(f"--point-head must be one of {localization.POINT_HEADS}, got {config.point_head!r}")
     if config.backbone not in models.BACKBONE_NAMES:
         raise ValueError(f"--backbone must be one of {models.BACKBONE_NAMES}, got {config.backbone!r}")
     if config.image_size < 32:
@@ -179,7 +184,8 @@ def main(argv=None):
     input_shape = (config.image_size, config.image_size, 3)
     with run.strategy.scope():
         model = localization.build_localizer(input_shape, info.num_classes, config.task,
-                                             backbone=config.backbone, hidden_units=config.hidden_units)
+                                             backbone=config.backbone, point_head=config.point_head,
+                                             hidden_units=config.hidden_units)
         model.compile(optimizer=run.optimizer(steps_per_epoch), loss=make_loss(config),
                       metrics=make_metrics(config), jit_compile=run.jit_compile)
     print(f"{config.task} on {DATASET}: {config.num_train_examples} train / {config.num_val_examples} "

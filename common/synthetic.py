@@ -245,12 +245,14 @@ def make_segmentation_example(index: int, split: str = "train", seed: int = 0,
 # Localization and landmarks: zero or one shape per image
 # ---------------------------------------------------------------------------
 # Landmark 0 is the shape's centre; landmarks 1.. are its corners (square,
-# triangle), tips (star) or arm ends (cross), numbered clockwise starting at
-# "12 o'clock" (the first one at or clockwise after straight up), so that the
-# numbering is a function of what the image shows, whatever hidden rotation
-# drew the shape. A circle has its centre only. NUM_LANDMARKS is the largest
-# count (the star's centre + 5 tips); shorter lists are padded and flagged
-# invisible.
+# triangle), tips (star) or arm ends (cross). These shapes look the same after
+# a turn by a fraction of a full turn, so nothing in the image would say which
+# corner is "landmark 1" (a network would have to guess, and its guess must
+# jump somewhere as the shape turns). As the parts of a face can be told apart,
+# one corner carries a small mark: it is landmark 1, and the others follow
+# clockwise on screen. A circle has its centre only. NUM_LANDMARKS is the
+# largest count (the star's centre + 5 tips); shorter lists are padded and
+# flagged invisible.
 LANDMARK_COUNTS = {"circle": 1, "square": 5, "triangle": 4, "star": 6, "cross": 5}
 NUM_LANDMARKS = max(LANDMARK_COUNTS.values())
 # Which outline vertices (indices into _UNIT_POLYGONS) make each landmark:
@@ -264,13 +266,17 @@ _LANDMARK_VERTICES = {
 }
 
 
-def _clockwise_from_top(points, center):
-    """``points`` [L, 2] (x, y) sorted clockwise on screen (y points down), starting at straight up."""
-    if len(points) == 0:
-        return points
+# The mark on landmark 1: a disc this far from the centre towards the corner
+# (inside every shape's corner or tip), of this radius (fraction of the side).
+MARK_POSITION = 0.6
+MARK_RADIUS = 0.035
+
+
+def _clockwise_from(points, center, first):
+    """``points`` [L, 2] (x, y) in clockwise order on screen (y points down), starting at ``first``."""
     dx, dy = points[:, 0] - center[0], points[:, 1] - center[1]
-    angle = np.mod(np.arctan2(dx, -dy), 2.0 * np.pi)  # 0 = up, pi/2 = right, pi = down
-    return points[np.argsort(angle, kind="stable")]
+    angle = np.arctan2(dx, -dy)  # 0 = up, pi/2 = right, pi = down: clockwise on screen
+    return points[np.argsort(np.mod(angle - angle[first], 2.0 * np.pi), kind="stable")]
 
 
 def make_localization_example(index: int, split: str = "train", seed: int = 0,
@@ -280,8 +286,9 @@ def make_localization_example(index: int, split: str = "train", seed: int = 0,
     The data of object localization (one network outputs "is there an
     object, which class, where is its box") and landmark detection. The
     shape lies wholly inside the image (every landmark is on the image) and
-    spans 30 to 80 % of its side; the background is the scenes' textured one
-    with distractor lines.
+    spans about 45 to 95 % of its side; the background is the scenes' textured
+    one with distractor lines. A small black or white disc marks the corner
+    that is landmark 1 (see the comment above ``LANDMARK_COUNTS``).
 
     Args:
       index, split, seed: as ``make_scene`` (a pure function of the three).
@@ -326,13 +333,20 @@ def make_localization_example(index: int, split: str = "train", seed: int = 0,
         name = CLASS_NAMES[class_id]
         corners = np.array([outline[list(group)].mean(axis=0) for group in _LANDMARK_VERTICES[name]],
                            np.float64).reshape(-1, 2)
-        points = np.concatenate([np.asarray(center, np.float64)[None],
-                                 _clockwise_from_top(corners, center)])  # [L, 2] pixel (x, y)
+        if len(corners):  # the marked corner, drawn at random: landmark 1
+            corners = _clockwise_from(corners, center, int(rng.integers(0, len(corners))))
+        points = np.concatenate([np.asarray(center, np.float64)[None], corners])  # [L, 2] pixel (x, y)
         colour = _shape_colour(rng, image[int(center[1]), int(center[0])])
         ramp = np.linspace(-0.5, 0.5, size, dtype=np.float32)[None, :, None]
         shaded = colour.astype(np.float32) * (1.0 + rng.uniform(-0.3, 0.3) * ramp)
         inside = full.astype(bool)
         image[inside] = np.broadcast_to(shaded, image.shape)[inside]
+        if len(corners):  # black on a light shape, white on a dark one
+            mark = center + MARK_POSITION * (corners[0] - center)
+            shade = 0.0 if colour.mean() > 0.5 else 1.0
+            cv2.circle(image, tuple(int(v) for v in np.round(mark * (1 << _SHIFT))),
+                       int(round(max(1.0, MARK_RADIUS * size) * (1 << _SHIFT))), (shade,) * 3,
+                       thickness=-1, lineType=cv2.LINE_8, shift=_SHIFT)
         rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
         boxes = np.array([[rows[0], cols[0], rows[-1] + 1, cols[-1] + 1]], np.float32) / size
         classes = np.array([class_id], np.int32)

@@ -72,14 +72,17 @@ def test_landmarks_sit_on_the_drawn_shape_and_the_box_is_tight():
             rows, cols = np.flatnonzero(polygon.any(axis=1)), np.flatnonzero(polygon.any(axis=0))
             np.testing.assert_allclose([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1],
                                        [ymin, xmin, ymax, xmax], atol=1.01)
-        # Numbered clockwise on screen from 12 o'clock: the cross product of consecutive corners
-        # about the centre is positive (y points down) and the first corner is the first after "up".
+        # Numbered clockwise on screen: the cross product of consecutive corners about the centre is
+        # positive (y points down) ...
         corners = points[1:] - points[0]
         if len(corners) >= 3:
             cross = corners[:, 0] * np.roll(corners[:, 1], -1) - corners[:, 1] * np.roll(corners[:, 0], -1)
             assert np.all(cross > 0), (index, name)
-            angles = np.mod(np.degrees(np.arctan2(corners[:, 0], -corners[:, 1])), 360.0)
-            assert angles[0] == angles.min()
+        # ... starting at the marked corner: a black or white disc between the centre and landmark 1.
+        if len(corners):
+            x, y = np.round(points[0] + synthetic.MARK_POSITION * corners[0]).astype(int)
+            pixel = example["image"][y, x]
+            assert np.all(pixel < 0.2) or np.all(pixel > 0.8), (index, name, pixel)
     assert checked > 40
 
 
@@ -305,6 +308,37 @@ def test_localizer_shapes_and_save_load(task, size, tmp_path):
     assert any(layer.name.startswith("resnet_small") for layer in model.layers)
 
 
+def test_spatial_soft_argmax_by_hand_and_round_trip():
+    logits = np.full((2, 4, 4, 2), -60.0, np.float32)
+    logits[0, 1, 2, 0] = 60.0  # all the mass on row 1, column 2: the cell centre (2.5 / 4, 1.5 / 4)
+    logits[0, :, :, 1] = 0.0  # uniform: the image centre
+    logits[1, 0, 0, 0] = logits[1, 3, 3, 0] = 60.0  # two equal peaks: their midpoint
+    logits[1, 3, 0, 1] = 60.0
+    layer = loc.SpatialSoftArgmax()
+    expected = [[0.625, 0.375, 0.5, 0.5], [0.5, 0.5, 0.125, 0.875]]
+    np.testing.assert_allclose(layer(logits), expected, atol=1e-6)
+    np.testing.assert_allclose(tf.function(layer)(logits), expected, atol=1e-6)
+    clone = keras.layers.deserialize(keras.layers.serialize(layer))
+    np.testing.assert_allclose(clone(logits), expected, atol=1e-6)
+    # The gradient reaches the logits (it is what trains the heatmaps).
+    variable = tf.Variable(logits[:1] * 0.0)
+    with tf.GradientTape() as tape:
+        value = layer(variable)[0, 0]
+    assert float(tf.reduce_sum(tf.abs(tape.gradient(value, variable)))) > 0
+
+
+@pytest.mark.parametrize("point_head", loc.POINT_HEADS)
+def test_landmark_heads_output_points_in_the_layout(point_head):
+    model = loc.build_localizer((64, 64, 3), task="landmarks", point_head=point_head, hidden_units=16)
+    outputs = model(np.zeros((1, 64, 64, 3), np.float32))
+    assert outputs.shape == (1, 1 + 3 * L)
+    if point_head == "heatmap":  # soft-argmax points are inside the image by construction
+        points = outputs.numpy()[0, 1:1 + 2 * L]
+        assert np.all((points > 0) & (points < 1))
+    with pytest.raises(ValueError, match="point_head"):
+        loc.build_localizer(task="landmarks", point_head="hourglass")
+
+
 def test_decode_by_hand():
     outputs = np.array([[0.0, 0.5, 0.5, 0.4, 0.6, 1.0, 3.0, 1.0]], np.float32)
     decoded = loc.decode_localization(outputs, num_classes=3)
@@ -428,13 +462,13 @@ def test_dihedral_transform_renumbers_landmarks_clockwise(transpose, flip_x, fli
         if len(moved) > 1:  # a circle has its centre only
             distances = np.linalg.norm(moved[1:, None] - expected[None, 1:], axis=-1)
             assert np.all(distances.min(axis=1) < 1e-5) and np.all(distances.min(axis=0) < 1e-5)
-        # ... numbered clockwise (screen, y down) from 12 o'clock again.
+        # ... landmark 1 still the marked corner, the others clockwise (screen, y down) again.
+        if len(moved) > 1:
+            np.testing.assert_allclose(moved[1], expected[1], atol=1e-6)
         corners = moved[1:] - moved[0]
         if len(corners) >= 3:
             cross = corners[:, 0] * np.roll(corners[:, 1], -1) - corners[:, 1] * np.roll(corners[:, 0], -1)
             assert np.all(cross > 0)
-            angles = np.mod(np.arctan2(corners[:, 0], -corners[:, 1]), 2 * np.pi)
-            assert angles[0] == pytest.approx(angles.min())
         padded = out_targets[i, 1:1 + 2 * L].reshape(L, 2)[~visible]
         np.testing.assert_array_equal(padded, np.zeros_like(padded))
 
