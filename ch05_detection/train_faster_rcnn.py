@@ -221,9 +221,11 @@ def train(run, model, train, num_train, val_examples, num_classes):
     names = {"loss": "loss", "rpn cls": "rpn_class_loss", "rpn box": "rpn_box_loss",
              "head cls": "head_class_loss", "head box": "head_box_loss", "val mAP50": "val_map50"}
     budget = 60.0 * config.time_budget_minutes
+    trained = False
     for index, (stage, epochs) in enumerate(plan):
         if run.stage_finished(stage, epochs):
             continue  # done in an earlier run
+        trained = True
         print(f"stage {index + 1}/{len(plan)}: {stage} ({epochs} epochs of {steps_per_epoch} steps)")
         model.set_training_stage(stage)
         with run.strategy.scope():
@@ -244,6 +246,8 @@ def train(run, model, train, num_train, val_examples, num_classes):
                 # Steps 3 and 4 run the RPN on the detector's backbone: re-tie the copy after loading.
                 after_restore=model.share_backbone if stage in SHARED_STAGES else None)
     model.set_training_stage(plan[-1][0] if config.schedule == "alternating" else "joint")
+    if not trained:  # every stage was finished by an earlier run: evaluate its weights, not fresh ones
+        run.restore(model, stage=None)
 
 
 # ----------------------------------------------------------------------------------

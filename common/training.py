@@ -579,8 +579,9 @@ class Run:
     def save(self, model):
         save_checkpoint(self.checkpoint_dir, model, self.state)
 
-    def restore(self, model, stage: str):
-        """Load the checkpoint into ``model`` (and its optimizer when it was saved in the same stage)."""
+    def restore(self, model, stage: str | None):
+        """Load the checkpoint into ``model`` (and its optimizer when it was saved in the same stage;
+        ``stage=None`` loads the model's variables only, e.g. to evaluate a run finished earlier)."""
         saved = read_checkpoint_state(self.checkpoint_dir)
         if saved is None:
             return False
