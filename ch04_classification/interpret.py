@@ -33,6 +33,11 @@ Explaining one decision (each returns a heatmap per image)
     grad_cam                 any conv layer: ReLU(sum_k alpha_k A^k) with alpha_k the spatial mean of
                              d score / d A^k (Selvaraju et al. 2017, eq. 1-2)
     explain, upsample        one name -> image-resolution heatmap, for every method above
+Scoring the explanations (used by score_explanations.py)
+    single_object_dataset    shapes scenes with exactly one object, and its box
+    pointing_hits, mass_in_box, centre_heatmaps, format_scores
+                             the pointing game (Zhang et al. 2016, sec. 5.1), the heatmap's mass inside
+                             the box, and the centre baseline
 Checking the explanations
     randomized_copy, sanity_check
                              the model-randomisation test of Adebayo et al. 2018 ("Sanity Checks for
@@ -59,6 +64,8 @@ from collections import namedtuple
 import keras
 import numpy as np
 import tensorflow as tf
+
+from common import synthetic
 
 PACKAGE = "ch04_classification"
 METHODS = ("grad_cam", "cam", "occlusion", "saliency", "guided_backprop")
@@ -453,7 +460,7 @@ def _union(geometries):
 
 
 def _integral(value):
-    return int(round(value)) if math.isfinite(value) else value
+    return round(value) if math.isfinite(value) else value
 
 
 def _compose(outer, inner):
@@ -523,8 +530,8 @@ def _output_geometry(model, tensor):
             stack.pop()
             continue
         layer, node = _producer(current)
-        if isinstance(layer, keras.layers.InputLayer):
-            raise ValueError(f"tensor {current.name!r} does not come from the model's input")
+        if isinstance(layer, keras.layers.InputLayer):  # the graph is wrong, not an argument's type
+            raise ValueError(f"tensor {current.name!r} does not come from the model's input")  # noqa: TRY004
         missing = [t for t in node.input_tensors if id(t) not in geometries]
         if missing:
             stack.extend(missing)
@@ -578,7 +585,7 @@ def receptive_field_box(geometry, row, col):
     """
     top = geometry.start[0] + row * geometry.stride[0] - (geometry.size[0] - 1) / 2.0
     left = geometry.start[1] + col * geometry.stride[1] - (geometry.size[1] - 1) / 2.0
-    top, left = int(math.floor(top + 1e-6)), int(math.floor(left + 1e-6))
+    top, left = math.floor(top + 1e-6), math.floor(left + 1e-6)
     return top, left, top + geometry.size[0] - 1, left + geometry.size[1] - 1
 
 
@@ -656,7 +663,7 @@ def top_activating_patches(model, images, layer_name, channel, count=9, one_per_
 
 def gaussian_blur(images, sigma):
     """Blur [batch, H, W, C] with a Gaussian of `sigma` pixels (reflected borders, so no dark rim)."""
-    radius = max(1, int(math.ceil(3 * sigma)))
+    radius = max(1, math.ceil(3 * sigma))
     x = np.arange(-radius, radius + 1, dtype=np.float32)
     kernel_1d = np.exp(-0.5 * (x / sigma) ** 2)
     kernel_1d /= kernel_1d.sum()
@@ -907,8 +914,8 @@ def _cam_parts(model):
     head, node = _output_head(model)
     if isinstance(head, (keras.layers.Softmax, keras.layers.Activation)):
         head, node = _producer(node.input_tensors[0])
-    if not isinstance(head, keras.layers.Dense):
-        raise ValueError(
+    if not isinstance(head, keras.layers.Dense):  # the architecture is the bad value
+        raise ValueError(  # noqa: TRY004
             "class_activation_map needs a model that ends in global average pooling + one Dense "
             f"layer, the last layer is {type(head).__name__}; use grad_cam for other models"
         )
@@ -916,7 +923,7 @@ def _cam_parts(model):
     while isinstance(layer, keras.layers.Dropout):
         layer, pooling_node = _producer(pooling_node.input_tensors[0])
     if not isinstance(layer, keras.layers.GlobalAveragePooling2D):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004
             "class_activation_map needs global average pooling right before the last Dense layer, "
             f"found {type(layer).__name__} {layer.name!r}; use grad_cam for other models"
         )
@@ -1024,6 +1031,151 @@ def explain(method, model, images, class_index=None, layer_name=None, normalize=
     else:
         maps = gradient_heatmap(guided_backprop(model, images, class_index, **options))
     return _normalize_maps(maps) if normalize else np.asarray(maps, np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring explanations on ground truth: single-object data, the pointing game, mass in box
+# --------------------------------------------------------------------------------------------------
+
+def single_object_dataset(num_examples, split="train", seed=0, image_size=64):
+    """`num_examples` scenes with exactly one shape at a random position and size: a dict of arrays.
+
+    Drawn by `common.synthetic.make_scene(..., min_objects=1, max_objects=1, empty_fraction=0)`: the
+    shape's radius is 8 to 22 % of the side and its centre anywhere in the middle 76 % of the image,
+    on the textured background with distractor lines. A scene where no placement was found (rare:
+    the shape fell mostly outside the image) is skipped and the next index is used, so the result
+    is still a pure function of (seed, split, image_size, num_examples).
+
+    Returns: images float32 [N, S, S, 3] in [0, 1], labels int32 [N], boxes float32 [N, 4]
+    (normalized [ymin, xmin, ymax, xmax] of the visible pixels), indices int64 [N] (the scene index).
+    """
+    if int(num_examples) < 0:
+        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    images, labels, boxes, indices = [], [], [], []
+    index = 0
+    while len(images) < num_examples:
+        scene = synthetic.make_scene(index, split, seed, image_size, max_objects=1, min_objects=1,
+                                     empty_fraction=0.0)
+        if len(scene["classes"]) == 1:
+            images.append(scene["image"])
+            labels.append(scene["classes"][0])
+            boxes.append(scene["boxes"][0])
+            indices.append(index)
+        index += 1
+    size = int(image_size)
+    return {
+        "images": np.stack(images) if images else np.zeros((0, size, size, 3), np.float32),
+        "labels": np.asarray(labels, np.int32),
+        "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "indices": np.asarray(indices, np.int64),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The scores
+# --------------------------------------------------------------------------------------------------
+
+def _check_maps_and_boxes(heatmaps, boxes):
+    heatmaps = np.asarray(heatmaps, np.float64)
+    boxes = np.asarray(boxes, np.float64)
+    if heatmaps.ndim != 3 or boxes.shape != (len(heatmaps), 4):
+        raise ValueError(f"heatmaps must be [N, H, W] and boxes [N, 4], got {heatmaps.shape} and {boxes.shape}")
+    return heatmaps, boxes
+
+
+def peak_points(heatmaps):
+    """(row, col) of each heatmap's maximum, [N, 2] (the first one in row-major order on ties)."""
+    heatmaps = np.asarray(heatmaps)
+    flat = heatmaps.reshape(len(heatmaps), -1).argmax(axis=1)
+    return np.stack(np.unravel_index(flat, heatmaps.shape[1:]), axis=1).reshape(-1, 2)
+
+
+def pointing_hits(heatmaps, boxes, tolerance=0.0):
+    """Pointing game (Zhang et al. 2016): bool [N], True when the maximum is in (or within
+    `tolerance` pixels of) the box. Pixel (i, j) has its centre at ((i + 0.5) / H, (j + 0.5) / W) in
+    the boxes' normalized coordinates."""
+    heatmaps, boxes = _check_maps_and_boxes(heatmaps, boxes)
+    height, width = heatmaps.shape[1:]
+    points = peak_points(heatmaps) + 0.5  # pixel centres, in pixels
+    return points_in_boxes(points, boxes, (height, width), tolerance)
+
+
+def points_in_boxes(points, boxes, image_shape, tolerance=0.0):
+    """bool [N]: point (y, x) in pixels (continuous) within `tolerance` pixels of the normalized box."""
+    height, width = image_shape
+    boxes = np.asarray(boxes, np.float64) * [height, width, height, width]
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    dy = np.maximum(np.maximum(boxes[:, 0] - points[:, 0], points[:, 0] - boxes[:, 2]), 0.0)
+    dx = np.maximum(np.maximum(boxes[:, 1] - points[:, 1], points[:, 1] - boxes[:, 3]), 0.0)
+    return np.hypot(dy, dx) <= tolerance
+
+
+def box_masks(boxes, image_shape):
+    """bool [N, H, W]: the pixels whose centre lies inside each normalized box."""
+    height, width = image_shape
+    rows = (np.arange(height) + 0.5) / height
+    cols = (np.arange(width) + 0.5) / width
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    inside_rows = (rows[None] >= boxes[:, :1]) & (rows[None] <= boxes[:, 2:3])  # [N, H]
+    inside_cols = (cols[None] >= boxes[:, 1:2]) & (cols[None] <= boxes[:, 3:4])  # [N, W]
+    return inside_rows[:, :, None] & inside_cols[:, None, :]
+
+
+def mass_in_box(heatmaps, boxes):
+    """float [N]: sum of the heatmap inside the box / sum over the image (negative values set to 0).
+
+    An all-zero heatmap says nothing, so it scores like a uniform one: the box's share of the image.
+    """
+    heatmaps, boxes = _check_maps_and_boxes(heatmaps, boxes)
+    heatmaps = np.maximum(heatmaps, 0.0)
+    inside = box_masks(boxes, heatmaps.shape[1:])
+    total = heatmaps.sum(axis=(1, 2))
+    uniform = inside.mean(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = (heatmaps * inside).sum(axis=(1, 2)) / total
+    return np.where(total > 0, share, uniform)
+
+
+def centre_heatmaps(count, image_shape, sigma_fraction=0.25):
+    """The fixed baseline: a centred Gaussian (sigma = `sigma_fraction` of the side), [count, H, W].
+
+    Its maximum is the centre pixel(s), so its pointing score is the fixed centre-point baseline.
+    """
+    height, width = image_shape
+    rows = (np.arange(height) + 0.5 - height / 2) / (sigma_fraction * height)
+    cols = (np.arange(width) + 0.5 - width / 2) / (sigma_fraction * width)
+    gaussian = np.exp(-0.5 * (rows[:, None] ** 2 + cols[None, :] ** 2)).astype(np.float32)
+    return np.broadcast_to(gaussian, (count, height, width))
+
+
+def score_heatmaps(heatmaps, boxes, tolerance=0.0):
+    """{"pointing": hit rate, "mass_in_box": mean share} of one method's heatmaps [N, H, W]."""
+    return {"pointing": float(np.mean(pointing_hits(heatmaps, boxes, tolerance))) if len(boxes) else float("nan"),
+            "mass_in_box": float(np.mean(mass_in_box(heatmaps, boxes))) if len(boxes) else float("nan")}
+
+
+
+
+def format_scores(metrics):
+    """The pointing-game table of a metrics dict as text (one row per method, the baselines last).
+
+    Reads the keys score_explanations.py writes: pointing_<method>, mass_in_box_<method>, and if
+    present sanity_spearman_<method> and seconds_<method>; pointing_center, mass_in_box_center,
+    mass_in_box_uniform.
+    """
+
+    def cell(key, width):
+        value = metrics.get(key)
+        return f"{'' if value is None else f'{value:.3f}':>{width}}"
+
+    lines = [f"{'method':<18}{'pointing':>10}{'mass in box':>13}{'sanity rank corr.':>19}{'seconds':>9}"]
+    for method in METHODS:
+        seconds = metrics.get(f"seconds_{method}")
+        lines.append(f"{method:<18}{cell(f'pointing_{method}', 10)}{cell(f'mass_in_box_{method}', 13)}"
+                     f"{cell(f'sanity_spearman_{method}', 19)}{'' if seconds is None else f'{seconds:.1f}':>9}")
+    lines.append(f"{'centre baseline':<18}{cell('pointing_center', 10)}{cell('mass_in_box_center', 13)}")
+    lines.append(f"{'uniform map':<18}{'':>10}{cell('mass_in_box_uniform', 13)}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,20 +13,33 @@ then every method of `ch04_classification/interpret.py` explains the true class 
     sanity check    Adebayo et al. 2018 ("Sanity Checks for Saliency Maps", sec. 3.1): the mean Spearman
                     rank correlation between each method's maps for the trained network and for the same
                     network re-initialised. Near 1 = the map does not depend on what the model learned.
-The data: `single_object_dataset` draws `common.synthetic.make_scene` scenes with exactly one shape.
+The data: `interpret.single_object_dataset` draws `common.synthetic.make_scene` scenes with exactly one shape.
+The training (`train_classifier`) has two stages on the harness `common/training.py` (config.json,
+resume with the same --out, --time-budget-minutes): big centred shapes first, then the scenes.
 
 Run from the repo root:
     python ch04_classification/score_explanations.py           # train the default classifier, score
-    python ch04_classification/score_explanations.py --fast    # a seconds-long smoke run
+    python ch04_classification/score_explanations.py --fast    # a smoke run on tiny data
     python ch04_classification/score_explanations.py --model-path runs/score_explanations/model.keras \\
         --out runs/score_again                                   # score a saved classifier
 Outputs in --out: metrics.json (pointing_<method>, mass_in_box_<method>, pointing_center,
 sanity_spearman_<method>, val_accuracy, ...), explanations.png (every method on the same images,
 box dashed, maximum marked), model.keras, config.json, history.png.
 
-The default run (measured on a 2-core CPU shared with other jobs, see the numbers at the bottom of this
-docstring) reaches the target of the chapter: Grad-CAM pointing accuracy >= 0.90.
-MEASURED_PLACEHOLDER
+What the default run reaches (measured once, on a 2-core CPU shared with other jobs: load average 6.7
+at the start, 9.5 at the end, this process got 55 % of the CPU): 8 min 7 s wall clock, 269 s of CPU
+time; 323 s of training (24000 centred shapes x 5 epochs, then 12000 scenes x 3 epochs), 72 s of
+scoring. Validation accuracy 0.940 on 300 held-out single-object images, and:
+    method             pointing  mass in box  sanity rank corr.
+    grad_cam              0.947        0.549              0.001
+    cam                   0.947        0.549              0.001
+    occlusion             0.623        0.420              0.009
+    saliency              0.687        0.294              0.276
+    guided_backprop       0.857        0.529              0.256
+    centre baseline       0.203        0.135
+    uniform map                        0.104
+Grad-CAM meets the chapter's target (pointing >= 0.90), far above the centre baseline. Grad-CAM equals
+CAM here, as it must at the last feature map of a GAP + dense network.
 """
 
 from __future__ import annotations
@@ -41,9 +54,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import augment, synthetic, training, viz
 from ch04_classification import interpret, models
 from ch04_classification.trainer import ClassifierTrainer, accuracy_metrics
+from common import augment, synthetic, training, viz
 
 
 @dataclass
@@ -85,127 +98,6 @@ class Config(training.TrainingConfig):
                             "pretrain_examples": 64, "pretrain_epochs": 1, "pretrain_image_size": 32,
                             "epochs": 1, "batch_size": 32, "image_size": 32, "occlusion_patch": 8,
                             "occlusion_stride": 8, "num_pictures": 3}
-
-
-# --------------------------------------------------------------------------------------------------
-# Data: exactly one object per image
-# --------------------------------------------------------------------------------------------------
-
-def single_object_dataset(num_examples, split="train", seed=0, image_size=64):
-    """`num_examples` scenes with exactly one shape at a random position and size: a dict of arrays.
-
-    Drawn by `common.synthetic.make_scene(..., min_objects=1, max_objects=1, empty_fraction=0)`: the
-    shape's radius is 8 to 22 % of the side and its centre anywhere in the middle 76 % of the image,
-    on the textured background with distractor lines. A scene where no placement was found (rare:
-    the shape fell mostly outside the image) is skipped and the next index is used, so the result
-    is still a pure function of (seed, split, image_size, num_examples).
-
-    Returns: images float32 [N, S, S, 3] in [0, 1], labels int32 [N], boxes float32 [N, 4]
-    (normalized [ymin, xmin, ymax, xmax] of the visible pixels), indices int64 [N] (the scene index).
-    """
-    if int(num_examples) < 0:
-        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
-    images, labels, boxes, indices = [], [], [], []
-    index = 0
-    while len(images) < num_examples:
-        scene = synthetic.make_scene(index, split, seed, image_size, max_objects=1, min_objects=1,
-                                     empty_fraction=0.0)
-        if len(scene["classes"]) == 1:
-            images.append(scene["image"])
-            labels.append(scene["classes"][0])
-            boxes.append(scene["boxes"][0])
-            indices.append(index)
-        index += 1
-    size = int(image_size)
-    return {
-        "images": np.stack(images) if images else np.zeros((0, size, size, 3), np.float32),
-        "labels": np.asarray(labels, np.int32),
-        "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-        "indices": np.asarray(indices, np.int64),
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# The scores
-# --------------------------------------------------------------------------------------------------
-
-def _check_maps_and_boxes(heatmaps, boxes):
-    heatmaps = np.asarray(heatmaps, np.float64)
-    boxes = np.asarray(boxes, np.float64)
-    if heatmaps.ndim != 3 or boxes.shape != (len(heatmaps), 4):
-        raise ValueError(f"heatmaps must be [N, H, W] and boxes [N, 4], got {heatmaps.shape} and {boxes.shape}")
-    return heatmaps, boxes
-
-
-def peak_points(heatmaps):
-    """(row, col) of each heatmap's maximum, [N, 2] (the first one in row-major order on ties)."""
-    heatmaps = np.asarray(heatmaps)
-    flat = heatmaps.reshape(len(heatmaps), -1).argmax(axis=1)
-    return np.stack(np.unravel_index(flat, heatmaps.shape[1:]), axis=1).reshape(-1, 2)
-
-
-def pointing_hits(heatmaps, boxes, tolerance=0.0):
-    """Pointing game (Zhang et al. 2016): bool [N], True when the maximum is in (or within
-    `tolerance` pixels of) the box. Pixel (i, j) has its centre at ((i + 0.5) / H, (j + 0.5) / W) in
-    the boxes' normalized coordinates."""
-    heatmaps, boxes = _check_maps_and_boxes(heatmaps, boxes)
-    height, width = heatmaps.shape[1:]
-    points = peak_points(heatmaps) + 0.5  # pixel centres, in pixels
-    return points_in_boxes(points, boxes, (height, width), tolerance)
-
-
-def points_in_boxes(points, boxes, image_shape, tolerance=0.0):
-    """bool [N]: point (y, x) in pixels (continuous) within `tolerance` pixels of the normalized box."""
-    height, width = image_shape
-    boxes = np.asarray(boxes, np.float64) * [height, width, height, width]
-    points = np.asarray(points, np.float64).reshape(-1, 2)
-    dy = np.maximum(np.maximum(boxes[:, 0] - points[:, 0], points[:, 0] - boxes[:, 2]), 0.0)
-    dx = np.maximum(np.maximum(boxes[:, 1] - points[:, 1], points[:, 1] - boxes[:, 3]), 0.0)
-    return np.hypot(dy, dx) <= tolerance
-
-
-def box_masks(boxes, image_shape):
-    """bool [N, H, W]: the pixels whose centre lies inside each normalized box."""
-    height, width = image_shape
-    rows = (np.arange(height) + 0.5) / height
-    cols = (np.arange(width) + 0.5) / width
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    inside_rows = (rows[None] >= boxes[:, :1]) & (rows[None] <= boxes[:, 2:3])  # [N, H]
-    inside_cols = (cols[None] >= boxes[:, 1:2]) & (cols[None] <= boxes[:, 3:4])  # [N, W]
-    return inside_rows[:, :, None] & inside_cols[:, None, :]
-
-
-def mass_in_box(heatmaps, boxes):
-    """float [N]: sum of the heatmap inside the box / sum over the image (negative values set to 0).
-
-    An all-zero heatmap says nothing, so it scores like a uniform one: the box's share of the image.
-    """
-    heatmaps, boxes = _check_maps_and_boxes(heatmaps, boxes)
-    heatmaps = np.maximum(heatmaps, 0.0)
-    inside = box_masks(boxes, heatmaps.shape[1:])
-    total = heatmaps.sum(axis=(1, 2))
-    uniform = inside.mean(axis=(1, 2))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = (heatmaps * inside).sum(axis=(1, 2)) / total
-    return np.where(total > 0, share, uniform)
-
-
-def centre_heatmaps(count, image_shape, sigma_fraction=0.25):
-    """The fixed baseline: a centred Gaussian (sigma = `sigma_fraction` of the side), [count, H, W].
-
-    Its maximum is the centre pixel(s), so its pointing score is the fixed centre-point baseline.
-    """
-    height, width = image_shape
-    rows = (np.arange(height) + 0.5 - height / 2) / (sigma_fraction * height)
-    cols = (np.arange(width) + 0.5 - width / 2) / (sigma_fraction * width)
-    gaussian = np.exp(-0.5 * (rows[:, None] ** 2 + cols[None, :] ** 2)).astype(np.float32)
-    return np.broadcast_to(gaussian, (count, height, width))
-
-
-def score_heatmaps(heatmaps, boxes, tolerance=0.0):
-    """{"pointing": hit rate, "mass_in_box": mean share} of one method's heatmaps [N, H, W]."""
-    return {"pointing": float(np.mean(pointing_hits(heatmaps, boxes, tolerance))) if len(boxes) else float("nan"),
-            "mass_in_box": float(np.mean(mass_in_box(heatmaps, boxes))) if len(boxes) else float("nan")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,8 +213,8 @@ def train_classifier(run, config):
         check = centred_shape_dataset(min(config.num_val_examples, 300), "validation", seed,
                                       config.pretrain_image_size)
         stages.append(("pretrain", pretrain, config.pretrain_epochs, check))
-    scenes = single_object_dataset(config.num_train_examples, "train", seed, config.image_size)
-    val = single_object_dataset(config.num_val_examples, "validation", seed, config.image_size)
+    scenes = interpret.single_object_dataset(config.num_train_examples, "train", seed, config.image_size)
+    val = interpret.single_object_dataset(config.num_val_examples, "validation", seed, config.image_size)
     stages.append(("main", {"images": _as_bytes(scenes["images"]), "labels": scenes["labels"]},
                    config.epochs, {"images": _as_bytes(val["images"]), "labels": val["labels"]}))
     del scenes
@@ -364,14 +256,14 @@ def score(model, images, labels, boxes, config, print_fn=print):
             method, model, images, labels, layer_name=config.grad_cam_layer if method == "grad_cam" else None,
             **options.get(method, {}))
         metrics[f"seconds_{method}"] = round(time.perf_counter() - start, 2)
-        for key, value in score_heatmaps(heatmaps[method], boxes, config.tolerance).items():
+        for key, value in interpret.score_heatmaps(heatmaps[method], boxes, config.tolerance).items():
             metrics[f"{key}_{method}"] = value
     # The baseline that does not look: the image's exact centre, and a centred Gaussian for the mass.
-    heatmaps["center"] = centre_heatmaps(len(images), size)
+    heatmaps["center"] = interpret.centre_heatmaps(len(images), size)
     centre_points = np.tile([[size[0] / 2.0, size[1] / 2.0]], (len(images), 1))
-    metrics["pointing_center"] = float(np.mean(points_in_boxes(centre_points, boxes, size, config.tolerance)))
-    metrics["mass_in_box_center"] = score_heatmaps(heatmaps["center"], boxes)["mass_in_box"]
-    metrics["mass_in_box_uniform"] = float(np.mean(box_masks(boxes, size).mean(axis=(1, 2))))
+    metrics["pointing_center"] = float(np.mean(interpret.points_in_boxes(centre_points, boxes, size, config.tolerance)))
+    metrics["mass_in_box_center"] = interpret.score_heatmaps(heatmaps["center"], boxes)["mass_in_box"]
+    metrics["mass_in_box_uniform"] = float(np.mean(interpret.box_masks(boxes, size).mean(axis=(1, 2))))
     count = min(config.sanity_examples, len(images))
     if count:
         start = time.perf_counter()
@@ -381,18 +273,6 @@ def score(model, images, labels, boxes, config, print_fn=print):
             metrics[f"sanity_spearman_{method}"] = value
         metrics["seconds_sanity_check"] = round(time.perf_counter() - start, 2)
     return metrics, heatmaps
-
-
-def format_table(metrics):
-    """The pointing-game table as text (one row per method, the baselines last)."""
-    lines = [f"{'method':<18}{'pointing':>10}{'mass in box':>13}{'sanity rank corr.':>19}{'seconds':>9}"]
-    for method in interpret.METHODS:
-        sanity = metrics.get(f"sanity_spearman_{method}")
-        lines.append(f"{method:<18}{metrics[f'pointing_{method}']:>10.3f}{metrics[f'mass_in_box_{method}']:>13.3f}"
-                     f"{'' if sanity is None else f'{sanity:.3f}':>19}{metrics[f'seconds_{method}']:>9.1f}")
-    lines.append(f"{'centre baseline':<18}{metrics['pointing_center']:>10.3f}{metrics['mass_in_box_center']:>13.3f}")
-    lines.append(f"{'uniform map':<18}{'':>10}{metrics['mass_in_box_uniform']:>13.3f}")
-    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -412,7 +292,7 @@ def main(argv=None):
     if tuple(model.inputs[0].shape[1:3]) not in ((config.image_size, config.image_size), (None, None)):
         training.fail(f"--model-path's model takes {tuple(model.inputs[0].shape[1:3])} images; pass "
                       f"--image-size {model.inputs[0].shape[1]}")
-    val = single_object_dataset(config.num_val_examples, "validation", config.seed, config.image_size)
+    val = interpret.single_object_dataset(config.num_val_examples, "validation", config.seed, config.image_size)
     images, labels, boxes = val["images"], val["labels"], val["boxes"]
     probabilities = np.concatenate([np.asarray(model(images[i : i + 128], training=False))
                                     for i in range(0, len(images), 128)])
@@ -422,7 +302,7 @@ def main(argv=None):
     accuracy = float(np.mean(probabilities.argmax(-1) == labels))
     score_start = time.perf_counter()
     metrics, heatmaps = score(model, images, labels, boxes, config)
-    metrics.update({"val_accuracy": accuracy, "num_val_examples": int(len(images)),
+    metrics.update({"val_accuracy": accuracy, "num_val_examples": len(images),
                     "image_size": config.image_size, "parameters": int(model.count_params()),
                     "score_seconds": round(time.perf_counter() - score_start, 2)})
     shown = slice(0, min(config.num_pictures, len(images)))
@@ -434,7 +314,7 @@ def main(argv=None):
                                         boxes=boxes[shown], titles=titles, save_path=out / "explanations.png"))
     metrics["total_seconds"] = round(time.perf_counter() - start, 2)
     metrics = run.finish(metrics, history_keys=["loss", "accuracy"])
-    print(format_table(metrics))
+    print(interpret.format_scores(metrics))
     print(f"val accuracy {accuracy:.3f} on {len(images)} single-object images; Grad-CAM pointing "
           f"{metrics['pointing_grad_cam']:.3f} (centre baseline {metrics['pointing_center']:.3f}). "
           f"Outputs in {out}/")

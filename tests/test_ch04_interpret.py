@@ -15,6 +15,8 @@ Every visualisation is checked against a reference that does not come from our o
   spearmanr, t-SNE returns one point per embedding;
 - maximally activating patches are the brute-force top activations, cut where the field says;
 - class visualisation raises the class score; the sanity check runs for every method;
+- the pointing game and mass in box on hand-made maps; the single-object data is make_scene's;
+- score_explanations.py runs in FAST mode, writes every key, and rescoring its saved model agrees;
 - every function runs on keras.applications models built offline with weights=None.
 Run: `python -m pytest -q tests/test_ch04_interpret.py`.
 """
@@ -268,7 +270,7 @@ def formula(layers):
 VGG16_LAYERS = ([(3, 1)] * 2 + [(2, 2)] + [(3, 1)] * 2 + [(2, 2)] + ([(3, 1)] * 3 + [(2, 2)]) * 3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def zoo_model(name):
     return models.get_model(name, (224, 224, 3), 1000)
 
@@ -586,10 +588,9 @@ def test_viz_heatmap_helpers(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 def test_single_object_dataset_has_exactly_one_shape_per_image():
-    from ch04_classification import score_explanations
     from common import synthetic
 
-    data = score_explanations.single_object_dataset(12, "validation", seed=3, image_size=48)
+    data = interpret.single_object_dataset(12, "validation", seed=3, image_size=48)
     assert data["images"].shape == (12, 48, 48, 3) and data["images"].dtype == np.float32
     for image, label, box, index in zip(data["images"], data["labels"], data["boxes"], data["indices"]):
         scene = synthetic.make_scene(int(index), "validation", 3, 48, max_objects=1, min_objects=1,
@@ -598,17 +599,22 @@ def test_single_object_dataset_has_exactly_one_shape_per_image():
         np.testing.assert_array_equal(scene["image"], image)
         np.testing.assert_array_equal(scene["boxes"][0], box)
         assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
-    again = score_explanations.single_object_dataset(12, "validation", seed=3, image_size=48)
+    again = interpret.single_object_dataset(12, "validation", seed=3, image_size=48)
     np.testing.assert_array_equal(again["images"], data["images"])
     # Random positions: the object's box centre is spread over the image, not at its middle.
     centres = (data["boxes"][:, :2] + data["boxes"][:, 2:]) / 2
     assert centres.std(axis=0).min() > 0.1
-    assert score_explanations.single_object_dataset(0)["images"].shape == (0, 64, 64, 3)
+    assert interpret.single_object_dataset(0)["images"].shape == (0, 64, 64, 3)
 
 
 def test_pointing_game_and_mass_in_box_by_hand():
-    from ch04_classification.score_explanations import (box_masks, centre_heatmaps, mass_in_box,
-                                                        peak_points, pointing_hits)
+    from ch04_classification.interpret import (
+        box_masks,
+        centre_heatmaps,
+        mass_in_box,
+        peak_points,
+        pointing_hits,
+    )
 
     heatmaps = np.zeros((3, 10, 10), np.float32)
     heatmaps[0, 2, 3] = 1.0  # inside the box rows 2..4, cols 3..5
@@ -647,9 +653,11 @@ def test_score_explanations_fast_run_and_rescoring_a_saved_model(tmp_path):
     assert {"pointing_center", "mass_in_box_center", "mass_in_box_uniform", "val_accuracy",
             "train_seconds", "epochs", "parameters"} <= set(saved)
     assert (out / "explanations.png").exists() and (out / "model.keras").exists()
+    table = interpret.format_scores(saved)
+    assert all(method in table for method in interpret.METHODS) and "centre baseline" in table
     # The centre baseline, recomputed from the boxes alone.
-    config = score_explanations.Config(**{**score_explanations.Config.FAST})
-    val = score_explanations.single_object_dataset(config.num_val_examples, "validation", 0, config.image_size)
+    config = score_explanations.Config(**score_explanations.Config.FAST)
+    val = interpret.single_object_dataset(config.num_val_examples, "validation", 0, config.image_size)
     boxes = val["boxes"]
     centre_inside = (boxes[:, 0] <= 0.5) & (boxes[:, 2] >= 0.5) & (boxes[:, 1] <= 0.5) & (boxes[:, 3] >= 0.5)
     assert saved["pointing_center"] == pytest.approx(centre_inside.mean())
