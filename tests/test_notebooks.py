@@ -32,7 +32,9 @@ def _load_tool():
 run_notebooks = _load_tool()
 NOTEBOOKS = run_notebooks.find_notebooks(REPO_ROOT)
 IDS = [str(p.relative_to(REPO_ROOT)) for p in NOTEBOOKS]
-BUDGET_SECONDS = 300  # about 2 minutes each is the aim; this is the hard stop
+# About 2 minutes each is the aim on a quiet 2-core CPU; the hard stop leaves room for a busy CI machine
+# (the chapter-4 notebook took 480-500 s at load 8-13 while other jobs shared the cores).
+BUDGET_SECONDS = 600
 TRAINING_SCRIPT = re.compile(r"^train_\w*$")
 
 
