@@ -14,11 +14,20 @@ features is how OverFeat localised (Sermanet et al., "OverFeat: Integrated Recog
 and Detection using Convolutional Networks", ICLR 2014, sec. 4) and how DeepPose found body joints
 (Toshev & Szegedy, CVPR 2014) and Sun et al. facial points (CVPR 2013).
 
-The network (`build_localizer`): a chapter-4 backbone (`resnet_small` by default) -> a 1x1
-convolution that thins the feature map -> flatten (keeps *where* each feature is) -> a dense layer ->
-one dense output of raw numbers: [p_c logit, b_x, b_y, b_h, b_w, K class logits] or
-[p_c logit, L (x, y), L visibility logits]. `decode_localization` / `decode_landmarks` apply the
-sigmoid and softmax.
+The network (`build_localizer`): a chapter-4 backbone (`resnet_small` by default) and a head of two
+branches. *What* (p_c, the class or the points' visibility) global-average-pools the deepest feature
+map, so a shape is recognised wherever it is. *Where* is the lecture's dense regression for the box:
+a 1x1 convolution thins a finer map, flatten keeps where each feature is, dense layers output
+(b_x, b_y, b_h, b_w). For landmarks the default *where* is one heatmap per point and its soft-argmax
+(`SpatialSoftArgmax`, integral regression, Sun et al. ECCV 2018): far more precise than a dense layer
+on the same budget; `point_head="dense"` keeps the regression. The raw output is
+[p_c logit, b_x, b_y, b_h, b_w, K class logits] or [p_c logit, L (x, y), L visibility logits];
+`decode_localization` / `decode_landmarks` apply the sigmoid and softmax.
+
+Landmark 1 of a shape is the corner the generator marks with a small disc (a square turned by 90
+degrees looks the same, so without the mark no image could say which corner is "landmark 1"); the
+others follow clockwise. Training batches are flipped and transposed at random with the targets moved
+to match and renumbered (`random_dihedral`, `sort_clockwise`).
 
 Two losses, selectable with `kind` (both average the per-image losses over the batch):
 
@@ -339,8 +348,9 @@ def build_localizer(input_shape=(64, 64, 3), num_classes: int = synthetic.NUM_CL
         coarse = keras.layers.UpSampling2D(2, interpolation="bilinear", name="where_up16")(
             feature_maps["stride_16"])  # [b, H / 8, W / 8, C16]
         where = keras.layers.Concatenate(name="where_merge")([feature_maps["stride_8"], coarse])
-        where = keras.layers.Conv2D(2 * reduced_channels, 3, padding="same", activation="relu",
-                                    name="where_3x3")(where)
+        for index in (1, 2):
+            where = keras.layers.Conv2D(2 * reduced_channels, 3, padding="same", activation="relu",
+                                        name=f"where_3x3_{index}")(where)
         where = keras.layers.Conv2D(num_landmarks, 1, name="where_heatmaps")(where)  # [b, H/8, W/8, L]
         where = keras.layers.UpSampling2D(2, interpolation="bilinear", name="where_up8")(where)
         where = SpatialSoftArgmax(name="where_output")(where)  # [b, 2 L] (x, y) in [0, 1]
@@ -400,7 +410,7 @@ def _bce_with_logits(labels, logits):
     return tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
 
 
-def localization_loss(y_true, y_pred, kind: str = "modern", box_weight: float = 5.0,
+def localization_loss(y_true, y_pred, kind: str = "modern", box_weight: float = 1.0,
                       beta: float = 0.1):
     """Per-image localization loss: [b, 5 + K] targets and raw outputs -> [b].
 
@@ -430,7 +440,7 @@ def localization_loss(y_true, y_pred, kind: str = "modern", box_weight: float = 
 
 
 def landmark_loss(y_true, y_pred, kind: str = "modern", num_landmarks: int = NUM_LANDMARKS,
-                  point_weight: float = 2.0, beta: float = 0.1):
+                  point_weight: float = 5.0, beta: float = 0.02):
     """Per-image landmark loss: [b, 1 + 3 L] targets and raw outputs -> [b].
 
     "lecture": p = 1: (p̂ - p)^2 + sum over visible points of (x̂ - x)^2 + (ŷ - y)^2
@@ -465,7 +475,7 @@ def landmark_loss(y_true, y_pred, kind: str = "modern", num_landmarks: int = NUM
 class LocalizationLoss(keras.losses.Loss):
     """`localization_loss` as a Keras loss (mean over the batch): y_true [b, 5 + K], y_pred raw [b, 5 + K]."""
 
-    def __init__(self, kind="modern", box_weight=5.0, beta=0.1, name="localization_loss", **kwargs):
+    def __init__(self, kind="modern", box_weight=1.0, beta=0.1, name="localization_loss", **kwargs):
         _check_kind(kind)
         super().__init__(name=name, **kwargs)
         self.kind, self.box_weight, self.beta = kind, float(box_weight), float(beta)
@@ -482,7 +492,7 @@ class LocalizationLoss(keras.losses.Loss):
 class LandmarkLoss(keras.losses.Loss):
     """`landmark_loss` as a Keras loss (mean over the batch): y_true and raw y_pred [b, 1 + 3 L]."""
 
-    def __init__(self, kind="modern", num_landmarks=NUM_LANDMARKS, point_weight=2.0, beta=0.1,
+    def __init__(self, kind="modern", num_landmarks=NUM_LANDMARKS, point_weight=5.0, beta=0.02,
                  name="landmark_loss", **kwargs):
         _check_kind(kind)
         super().__init__(name=name, **kwargs)
@@ -660,12 +670,12 @@ def show_landmarks(images, outputs, targets, num_landmarks: int = NUM_LANDMARKS,
         ax.imshow(np.clip(images[i], 0, 1))
         # Normalized x in [0, 1] spans the pixels' edges: pixel centres are at (x * width - 0.5).
         for k in np.flatnonzero(true_visible[i]):
-            ax.scatter(true_points[i, k, 0] * width - 0.5, true_points[i, k, 1] * height - 0.5, s=60,
+            ax.scatter(true_points[i, k, 0] * width - 0.5, true_points[i, k, 1] * height - 0.5, s=90,
                        facecolors="none", edgecolors="white", linewidths=1.2)
         if presence[i] > 0.5:
             for k in np.flatnonzero(visible[i]):
                 x, y = points[i, k, 0] * width - 0.5, points[i, k, 1] * height - 0.5
-                ax.scatter(x, y, s=14, color=colours(k % 10))
+                ax.scatter(x, y, s=24, color=colours(k % 10))
                 ax.text(x + 1, y - 1, str(k), color=colours(k % 10), fontsize=7)
         title = f"p={presence[i]:.2f}"
         if true_visible[i].any():

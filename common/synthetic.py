@@ -13,6 +13,10 @@ everything the three chapters need:
 * ``masks``  uint8 [N, H, W], visible pixels of each instance (0/1)
 * ``mask``   int32 [H, W], semantic mask: 0 background, ``class + 1`` shape
 
+``make_localization_example`` draws the localization and landmark variant
+(``shapes_localization`` in ``common.data``): zero or one shape, its box,
+class and landmark points (centre, corners / tips; one corner marked).
+
 An example is a pure function of ``(seed, split, index)``: the same arguments
 give the same pixels on every machine (NumPy's PCG64 generator and integer
 OpenCV rasterisation are both platform independent).
