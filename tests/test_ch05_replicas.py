@@ -45,7 +45,9 @@ def differences():
 def test_two_replicas_give_the_weights_of_one_device(differences):
     assert differences["replicas"] == 2
     assert differences["trained"] > 1e-3  # the epoch moved the weights at all
-    assert differences["mirrored"] < 2e-5, differences
+    # 6e-8 on a quiet machine; 8.8e-5 once under heavy load (rounding order of the all-reduced sums,
+    # grown by training). Still 600x below what one epoch moves the weights (0.058).
+    assert differences["mirrored"] < 3e-4, differences
     # The logged loss is the loss of the global batch in both cases (not a replica's share).
     one_device_loss, mirrored_loss = differences["losses"]
     assert mirrored_loss == pytest.approx(one_device_loss, rel=1e-5)
