@@ -92,7 +92,9 @@ class TrainConfig(training.TrainingConfig):
     sync_batchnorm: bool = field(default=False, metadata={
         "help": "batch statistics over all replicas (BatchNormalization(synchronized=True))"})
     augment: bool = field(default=True, metadata={"help": "batched augmentation inside the train step"})
-    flip: bool = field(default=True, metadata={"help": "augmentation: random left-right flips"})
+    flip: bool | None = field(default=None, metadata={
+        "help": "augmentation: random left-right flips (None: on for the mirror-symmetric shapes only; "
+                "a mirrored digit or letter is another image)"})
     rotate90: bool | None = field(default=None, metadata={
         "help": "augmentation: random quarter turns (None: on for the rotation-invariant shapes only)"})
     scale_jitter: float = field(default=0.0, metadata={
@@ -123,9 +125,10 @@ def make_augmentation(config):
     if not config.augment:
         return None
     rotate90 = config.rotate90 if config.rotate90 is not None else config.dataset.startswith("shapes")
+    flip = config.flip if config.flip is not None else config.dataset.startswith("shapes")
     jitter = float(config.color_jitter)
     return augment.BatchAugmentation(
-        "classification", seed=config.seed, flip_left_right=0.5 if config.flip else 0.0, rotate90=rotate90,
+        "classification", seed=config.seed, flip_left_right=0.5 if flip else 0.0, rotate90=rotate90,
         vgg_scale_range=(1.0, 1.0 + config.scale_jitter) if config.scale_jitter > 0 else None,
         brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 5)
 
