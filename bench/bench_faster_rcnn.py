@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from ch05_detection import train_faster_rcnn

@@ -341,9 +341,9 @@ def load_backbone_weights(model_or_backbone, classifier_path):
     else:
         raise ValueError(f"`model_or_backbone` must be a FasterRCNN or a keras.Model, got "
                          f"{type(model_or_backbone).__name__}")
-    import ch04_classification.models  # noqa: F401  (registers the chapter-4 layers)
+    import ch04_classification  # the chapter's loader registers its layers first
 
-    classifier = keras.saving.load_model(path, compile=False)
+    classifier = ch04_classification.load_model(path, compile=False)
     classifier_layers = {layer.name: layer for layer in classifier.layers}
     copied = []
     for backbone in backbones:

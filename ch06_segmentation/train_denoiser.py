@@ -24,13 +24,10 @@ SSIM, per noise type, ``train_seconds`` and ``epochs``.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import keras
 import tensorflow as tf
 
 from common import data, training, viz

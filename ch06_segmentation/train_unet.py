@@ -27,9 +27,7 @@ prediction), ``history.png`` and ``metrics.json`` (``val_mean_iou``,
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np

@@ -45,10 +45,8 @@ Use (see any ``train_*.py``)::
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
-import math
 import os
 import shutil
 import sys

@@ -17,7 +17,6 @@ import json
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from sklearn.metrics import accuracy_score, top_k_accuracy_score
 
 from common import data

@@ -506,6 +506,7 @@ def test_fast_run_writes_outputs_and_metrics_that_match_the_saved_model(task, ke
                  "checkpoint/state.npz"):
         assert (out / name).is_file(), name
     written = json.loads((out / "metrics.json").read_text())
+    assert written == metrics  # main() returns the record it wrote
     assert keys | {"train_seconds", "epochs", "parameters", "replicas"} <= set(written)
     assert written["epochs"] == 2 and written["task"] == task
     # Independent recomputation from the saved network on the same validation images.

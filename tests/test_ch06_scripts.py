@@ -8,8 +8,6 @@ input.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
