@@ -43,9 +43,7 @@ returns the RPN's proposals. Try it::
 from __future__ import annotations
 
 import collections
-import dataclasses
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import keras
@@ -53,8 +51,9 @@ import numpy as np
 import tensorflow as tf
 
 from ch05_detection import anchors as anchor_ops
-from common.training import synchronize_batchnorm
 from ch05_detection import detection_head, roi_ops, rpn, targets
+from ch05_detection.detector import (  # noqa: F401  (check_images: re-exported, the older home)
+    Detector, DetectorConfig, _require, build_backbone, check_images, load_backbone_weights)
 
 TRAINING_STAGES = ("joint", "rpn", "detector", "rpn_finetune", "detector_finetune")
 # The 4-step alternating schedule of Ren et al. 2015, sec. 3.2.
@@ -81,91 +80,6 @@ _SHARED_STAGES = ("rpn_finetune", "detector_finetune")
 # ----------------------------------------------------------------------------------
 # configuration: every option once
 # ----------------------------------------------------------------------------------
-def _require(condition, name, expected, value):
-    if not condition:
-        raise ValueError(f"`{name}` must be {expected}, got {value!r}")
-
-
-@dataclass
-class DetectorConfig:
-    """Options every detector of this chapter shares (``get_config`` serializes them).
-
-    Args:
-        num_classes: foreground classes (0-based ids; background is the model's business).
-        class_names: optional names of the classes, for pictures and ``predict.py``
-            (default ``("class 0", ..., "class N-1")``, see ``names``).
-        image_size: (height, width) of the input in pixels (anchors are fixed to it).
-        backbone: a name of ``ch04_classification.models.get_backbone``.
-        output_stride: backbone stride (8 gives a 16x16 map for 128x128 images).
-        backbone_options: extra builder options for the backbone (e.g. wider filters).
-        synchronized_batch_norm: BatchNormalization with ``synchronized=True`` in the
-            backbone: batch statistics over all replicas of a ``tf.distribute`` strategy.
-        score_threshold, max_detections: post-processing of ``detect``.
-        flip_augment: random horizontal flips inside ``train_step``.
-        seed: seed of the stateless randomness of ``train_step`` (sampling, flips).
-    """
-
-    num_classes: int
-    class_names: Optional[tuple] = None
-    image_size: tuple = (128, 128)
-    backbone: str = "resnet_small"
-    output_stride: int = 8
-    backbone_options: dict = field(default_factory=dict)
-    synchronized_batch_norm: bool = False
-    score_threshold: float = 0.05
-    max_detections: int = 100
-    flip_augment: bool = True
-    seed: int = 0
-
-    def __post_init__(self):
-        _require(int(self.num_classes) >= 1, "num_classes", ">= 1", self.num_classes)
-        self.num_classes = int(self.num_classes)
-        if self.class_names is not None:
-            names = tuple(str(name) for name in self.class_names)
-            _require(len(names) == self.num_classes, "class_names",
-                     f"{self.num_classes} names (one per class)", self.class_names)
-            self.class_names = names
-        size = self.image_size
-        size = (size, size) if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
-        _require(len(size) == 2 and min(size) >= 32, "image_size", "(height, width) >= 32",
-                 self.image_size)
-        self.image_size = size
-        self.output_stride = int(self.output_stride)
-        self.backbone_options = dict(self.backbone_options or {})
-        self.synchronized_batch_norm = bool(self.synchronized_batch_norm)
-        _require(0.0 <= self.score_threshold <= 1.0, "score_threshold", "in [0, 1]",
-                 self.score_threshold)
-        self.score_threshold = float(self.score_threshold)
-        _require(int(self.max_detections) >= 1, "max_detections", ">= 1", self.max_detections)
-        self.max_detections = int(self.max_detections)
-        self.flip_augment = bool(self.flip_augment)
-        self.seed = int(self.seed)
-
-    @property
-    def names(self):
-        """The class names, ``"class i"`` where none were given."""
-        if self.class_names is not None:
-            return self.class_names
-        return tuple(f"class {i}" for i in range(self.num_classes))
-
-    def to_dict(self):
-        """JSON-ready dict of every option (tuples as lists)."""
-        config = dataclasses.asdict(self)
-        for key, value in config.items():
-            if isinstance(value, tuple):
-                config[key] = list(value)
-        return config
-
-    @classmethod
-    def from_dict(cls, config):
-        """Inverse of ``to_dict``; unknown keys raise ``ValueError`` naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} options {unknown}; known: {sorted(known)}")
-        return cls(**config)
-
-
 @dataclass
 class FasterRCNNConfig(DetectorConfig):
     """Every option of ``FasterRCNN`` (with those of ``DetectorConfig``).
@@ -261,21 +175,6 @@ def make_roi_layer(roi_op="align", pool_size=7, name="roi_op"):
     raise ValueError(f"`roi_op` must be 'align' or 'pool', got {roi_op!r}")
 
 
-def check_images(images, name="images"):
-    """Convert to float32 ``[batch, H, W, 3]``; a single ``[H, W, 3]`` image gets a batch axis."""
-    images = tf.convert_to_tensor(images)
-    if images.dtype == tf.uint8:
-        images = tf.cast(images, tf.float32) / 255.0
-    images = tf.cast(images, tf.float32)
-    if images.shape.rank == 3:
-        images = images[None]
-    if images.shape.rank != 4 or images.shape[-1] != 3:
-        raise ValueError(
-            f"`{name}` must be [batch, height, width, 3] (or one [height, width, 3] image), "
-            f"got shape {images.shape}")
-    return images
-
-
 def _check_anchor_shapes_fit(anchor_valid, config):
     """ValueError if some anchor shape is never inside the image.
 
@@ -297,96 +196,20 @@ def _check_anchor_shapes_fit(anchor_valid, config):
         "trained; use smaller scales or rpn_ignore_cross_boundary=False")
 
 
-def build_backbone(config):
-    """The chapter-4 backbone of a ``DetectorConfig`` (optionally with synchronized BN)."""
-    from ch04_classification.models import get_backbone
-
-    height, width = config.image_size
-    backbone = get_backbone(config.backbone, (height, width, 3), output_stride=config.output_stride,
-                            **config.backbone_options)
-    return synchronize_batchnorm(backbone) if config.synchronized_batch_norm else backbone
-
-
-def load_backbone_weights(model_or_backbone, classifier_path):
-    """Initialise a backbone from a chapter-4 classifier: ImageNet pre-training in miniature.
-
-    Faster R-CNN starts its shared convolutions from a network pre-trained for ImageNet
-    classification (Ren et al. 2015, sec. 3.2 and 4). Here the classifier is the
-    ``<out>/model.keras`` that ``ch04_classification/train_classifier.py`` writes: a
-    functional network whose layers have the same names as the backbone's (the backbone
-    is the same network cut at ``output_stride``). Each backbone layer with weights takes
-    the weights of the classifier layer of the same name; the classifier's head is left
-    out. The input size may differ (convolution weights do not depend on it).
-
-    Args:
-        model_or_backbone: a ``FasterRCNN`` (all its backbones are initialised) or a
-            backbone ``keras.Model``.
-        classifier_path: path of the classifier's ``.keras`` file.
-    Returns:
-        list of the names of the layers whose weights were copied.
-    Raises:
-        ValueError: no such file, or the architectures do not match (a backbone layer
-            missing in the classifier, or weights of other shapes).
-    """
-    path = Path(classifier_path)
-    if not path.is_file():
-        raise ValueError(f"`classifier_path`: no file {str(path)!r} (expected the model.keras "
-                         "written by ch04_classification/train_classifier.py to its --out)")
-    if isinstance(model_or_backbone, FasterRCNN):
-        backbones = [model_or_backbone.backbone]
-        if model_or_backbone.detector_backbone is not None:
-            backbones.append(model_or_backbone.detector_backbone)
-    elif isinstance(model_or_backbone, keras.Model):
-        backbones = [model_or_backbone]
-    else:
-        raise ValueError(f"`model_or_backbone` must be a FasterRCNN or a keras.Model, got "
-                         f"{type(model_or_backbone).__name__}")
-    import ch04_classification  # the chapter's loader registers its layers first
-
-    classifier = ch04_classification.load_model(path, compile=False)
-    classifier_layers = {layer.name: layer for layer in classifier.layers}
-    copied = []
-    for backbone in backbones:
-        missing, mismatched, pairs = [], [], []
-        for layer in backbone.layers:
-            if not layer.weights:
-                continue
-            source = classifier_layers.get(layer.name)
-            if source is None:
-                missing.append(layer.name)
-                continue
-            theirs = [tuple(w.shape) for w in source.weights]
-            ours = [tuple(w.shape) for w in layer.weights]
-            if theirs != ours:
-                mismatched.append(f"{layer.name}: classifier {theirs} vs backbone {ours}")
-                continue
-            pairs.append((layer, source))
-        if missing or mismatched:
-            problems = ([f"layers missing in the classifier: {missing[:5]}"] if missing else []) + (
-                [f"weights of other shapes: {mismatched[:3]}"] if mismatched else [])
-            raise ValueError(
-                f"`classifier_path` {str(path)!r} ({classifier.name}) does not match the backbone "
-                f"{backbone.name}: " + "; ".join(problems) + ". Train the classifier with the same "
-                "network and widths as the detector's backbone (e.g. --model resnet_small).")
-        for layer, source in pairs:
-            layer.set_weights(source.get_weights())
-        copied = [layer.name for layer, _ in pairs]
-    return copied
-
-
 # ----------------------------------------------------------------------------------
 # the model
 # ----------------------------------------------------------------------------------
 @keras.saving.register_keras_serializable(package="ch05_detection")
-class FasterRCNN(keras.Model):
+class FasterRCNN(Detector):
     """Faster R-CNN (Ren et al. 2015) with a chapter-4 backbone.
 
     Input:
         ``images`` ``[batch, image_size, image_size, 3]`` float in [0, 1].
-    Output of ``call`` / ``predict`` / ``detect``:
+    Output of ``predict`` / ``detect`` (the detector interface, ``detector.py``):
         dict ``boxes`` ``[batch, D, 4]`` normalized yxyx, ``classes`` ``[batch, D]``
         int32 (0-based, -1 padding), ``confidence`` ``[batch, D]`` (also under
         ``scores``), ``num_detections`` ``[batch]``, with ``D = max_detections``.
+        ``call`` returns the raw outputs (proposals and head outputs), ``decode`` the above.
 
     ``fit`` takes batches of the detection contract (dicts with ``image``, ``boxes``,
     ``classes`` padded with -1), e.g. from ``common.data.batch_detection``.
@@ -397,25 +220,12 @@ class FasterRCNN(keras.Model):
     ``TRAINING_STAGES`` (default: the first stage of the schedule).
     """
 
+    CONFIG_CLASS = FasterRCNNConfig
+    LOSS_NAMES = ("loss", "rpn_class_loss", "rpn_box_loss", "head_class_loss", "head_box_loss")
+
     def __init__(self, num_classes=None, config=None, training_stage=None, **kwargs):
-        keras_options = {key: kwargs.pop(key) for key in ("name", "trainable", "dtype")
-                         if key in kwargs}
-        if config is None:
-            if num_classes is None:
-                raise ValueError("`num_classes` is required (or pass `config`)")
-            unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(FasterRCNNConfig)})
-            if unknown:
-                raise ValueError(f"unknown FasterRCNN options {unknown}")
-            config = FasterRCNNConfig(num_classes=num_classes, **kwargs)
-        elif num_classes is not None or kwargs:
-            raise ValueError("pass either `config` or `num_classes` and options, not both")
-        elif isinstance(config, dict):
-            config = FasterRCNNConfig.from_dict(config)
-        elif not isinstance(config, FasterRCNNConfig):
-            raise ValueError(f"`config` must be a FasterRCNNConfig or a dict, got "
-                             f"{type(config).__name__}")
-        super().__init__(**keras_options)
-        self.config = config
+        super().__init__(num_classes, config, **kwargs)
+        config = self.config
         height, width = config.image_size
 
         self.backbone = build_backbone(config)
@@ -457,32 +267,12 @@ class FasterRCNN(keras.Model):
             config.num_classes, head_type=config.head_type, hidden_units=config.head_units,
             name="detection_head")
 
-        self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in (
-            "loss", "rpn_class_loss", "rpn_box_loss", "head_class_loss", "head_box_loss")}
         # Build every weight now with one dummy image, so a fresh model, a loaded one
         # and a summary all see the same variables. (Before choosing the stage: a
         # variable created while its layer is frozen is never watched by GradientTape.)
         self.training_stage = _SCHEDULE_STAGES[config.schedule][0]
         self(tf.zeros((1, height, width, 3)), training=False)
         self.set_training_stage(training_stage or self.training_stage)
-
-    # ------------------------------------------------------------------ options
-    @property
-    def num_classes(self):
-        return self.config.num_classes
-
-    @property
-    def image_size(self):
-        return self.config.image_size
-
-    @property
-    def class_names(self):
-        """Names of the classes (``"class i"`` when the config gives none)."""
-        return self.config.names
-
-    @property
-    def max_detections(self):
-        return self.config.max_detections
 
     # ------------------------------------------------------------------ stages
     def set_training_stage(self, stage):
@@ -521,10 +311,6 @@ class FasterRCNN(keras.Model):
         """
         if self.detector_backbone is not None:
             self.backbone.set_weights(self.detector_backbone.get_weights())
-
-    @property
-    def metrics(self):
-        return list(self.loss_trackers.values())
 
     # ------------------------------------------------------------------ pieces
     def _rpn_backbone(self):
@@ -567,12 +353,6 @@ class FasterRCNN(keras.Model):
         return tf.reshape(pooled, [tf.shape(rois)[0], tf.shape(rois)[1], pool_size, pool_size,
                                    channels])
 
-    def _resize(self, images):
-        images = check_images(images)
-        if tuple(images.shape[1:3]) != self.image_size:
-            images = tf.image.resize(images, self.image_size)
-        return images
-
     def _both_feature_maps(self, images, training=False):
         rpn_map = self.rpn_features(images, training)
         detector_map = (rpn_map if self._one_backbone()
@@ -598,72 +378,37 @@ class FasterRCNN(keras.Model):
                 "objectness_logits": logits, "rpn_deltas": deltas}
 
     def call(self, images, training=False):
+        """Raw outputs: the proposals and the detection head's outputs for each of them.
+
+        Returns dict: ``proposals`` ``[batch, P, 4]``, ``num_proposals`` ``[batch]``,
+        ``class_logits`` ``[batch, P, K + 1]`` (background first), ``box_deltas``
+        ``[batch, P, K, 4]``; ``decode`` turns them into detections.
+        """
         images = self._resize(images)
         rpn_map, detector_map = self._both_feature_maps(images, training=False)
         logits, deltas = self.rpn_head(rpn_map)
         proposals, _, count = self.proposal_layer(logits, deltas, self.anchors, training=False)
-        proposal_valid = tf.range(tf.shape(proposals)[1])[None, :] < count[:, None]
         pooled = self.pool_rois(detector_map, proposals)
         class_logits, box_deltas = self.detection_head(pooled, training=False)
+        return {"proposals": proposals, "num_proposals": count, "class_logits": class_logits,
+                "box_deltas": box_deltas}
+
+    def decode(self, outputs):
+        """Per-class boxes and scores of every proposal, then per-class NMS (Fast R-CNN sec. 3.1)."""
+        proposals = outputs["proposals"]
+        proposal_valid = (tf.range(tf.shape(proposals)[1])[None, :]
+                          < outputs["num_proposals"][:, None])
         return detection_head.postprocess_detections(
-            proposals, class_logits, box_deltas, roi_valid=proposal_valid,
+            proposals, outputs["class_logits"], outputs["box_deltas"], roi_valid=proposal_valid,
             score_threshold=self.config.score_threshold,
             nms_iou_threshold=self.config.detection_nms_iou,
             max_detections=self.config.max_detections)
 
-    def _inference(self, images):
-        return self(images, training=False)
-
-    def detect(self, images, batch_size=16):
-        """Detections for images (NumPy or tensors, ``[B, H, W, 3]`` or one ``[H, W, 3]``).
-
-        Images of another size are resized to ``image_size`` (boxes are normalized, so
-        they stay valid for the original image). Returns a dict of NumPy arrays:
-        ``boxes``, ``confidence`` (also as ``scores``), ``classes``, ``num_detections``
-        (see the class docstring); ``model.class_names[c]`` names class ``c``.
-        """
-        images = check_images(images)
-        if not hasattr(self, "_detect_function"):
-            self._detect_function = tf.function(self._inference, reduce_retracing=True)
-        outputs = []
-        for start in range(0, int(images.shape[0]), batch_size):
-            batch = self._resize(images[start:start + batch_size])
-            outputs.append({k: v.numpy() for k, v in self._detect_function(batch).items()})
-        if not outputs:
-            count = self.config.max_detections
-            empty_scores = np.zeros((0, count), np.float32)
-            return {"boxes": np.zeros((0, count, 4), np.float32),
-                    "classes": np.zeros((0, count), np.int32),
-                    "confidence": empty_scores, "scores": empty_scores,
-                    "num_detections": np.zeros((0,), np.int32)}
-        return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-
     # ------------------------------------------------------------------ training
-    def _unpack(self, data):
-        if isinstance(data, (tuple, list)):
-            data = data[0]
-        if not isinstance(data, dict) or not {"image", "boxes", "classes"} <= set(data):
-            raise ValueError("FasterRCNN.fit expects batches of dicts with keys "
-                             "'image', 'boxes' [batch, N, 4] and 'classes' [batch, N]")
-        images = self._resize(data["image"])
-        gt_boxes, gt_classes, _ = targets.check_detection_targets(
-            data["boxes"], data["classes"], num_classes=self.num_classes)
-        return images, gt_boxes, gt_classes
-
-    def _flip(self, images, gt_boxes, gt_classes, step):
-        """Random horizontal flip per image (images and boxes together); stateless,
-        keyed on (seed, step, global image index) like the samplers."""
-        index = targets.global_image_index(tf.shape(images)[0])
-        seeds = targets.image_seeds(step, index, self.config.seed, targets.FLIP_STREAM)
-        flip = targets.uniform_per_image(seeds, 1)[:, 0] < 0.5  # [batch]
-        images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
-        ymin, xmin, ymax, xmax = tf.unstack(gt_boxes, axis=-1)
-        flipped = tf.stack([ymin, 1.0 - xmax, ymax, 1.0 - xmin], axis=-1)
-        flipped = tf.where((gt_classes >= 0)[..., None], flipped, gt_boxes)
-        return images, tf.where(flip[:, None, None], flipped, gt_boxes)
-
-    def _stage_losses(self, images, gt_boxes, gt_classes, training, step):
-        """The losses of the current stage for checked tensors; see ``compute_losses``."""
+    def losses_for(self, images, gt_boxes, gt_classes, training, step):
+        """The losses of the current stage: ``loss`` (the total), ``rpn_class_loss``,
+        ``rpn_box_loss``, ``head_class_loss``, ``head_box_loss`` (0 for those the stage does
+        not use)."""
         config, stage = self.config, _STAGES[self.training_stage]
         index = targets.global_image_index(tf.shape(images)[0])
         zero = tf.constant(0.0)
@@ -701,69 +446,12 @@ class FasterRCNN(keras.Model):
                           + losses["head_class_loss"] + losses["head_box_loss"])
         return losses
 
-    def compute_losses(self, batch, training=False, step=0):
-        """The named losses of the current stage for one batch (the detector interface).
-
-        Args:
-            batch: a dict of the detection contract (``image``, ``boxes``, ``classes``
-                padded with -1), or a tuple whose first element is one.
-            training: BatchNorm in training mode for the backbones being trained.
-            step: training step the sampling randomness is keyed on.
-        Returns:
-            dict of scalars: ``loss`` (the total), ``rpn_class_loss``, ``rpn_box_loss``,
-            ``head_class_loss``, ``head_box_loss`` (0 for the losses the stage does not use).
-        """
-        images, gt_boxes, gt_classes = self._unpack(batch)
-        return self._stage_losses(images, gt_boxes, gt_classes, training=training, step=step)
-
-    def _update_trackers(self, losses, batch_size):
-        for name, tracker in self.loss_trackers.items():
-            tracker.update_state(losses[name], sample_weight=batch_size)
-        return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
-
-    def train_step(self, data):
-        images, gt_boxes, gt_classes = self._unpack(data)
-        # The step keys every random choice (flips, sampled anchors and RoIs).
-        step = tf.cast(tf.convert_to_tensor(self.optimizer.iterations), tf.int64)
-        if self.config.flip_augment:
-            images, gt_boxes = self._flip(images, gt_boxes, gt_classes, step)
-        with tf.GradientTape() as tape:
-            losses = self._stage_losses(images, gt_boxes, gt_classes, training=True, step=step)
-            # The optimizer sums the replicas' gradients: divide by their number.
-            loss = self.optimizer.scale_loss(targets.scale_loss_for_replicas(losses["loss"]))
-        variables = self.trainable_variables
-        gradients = tape.gradient(loss, variables)
-        pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
-        self.optimizer.apply_gradients(pairs)
-        return self._update_trackers(losses, tf.cast(tf.shape(images)[0], tf.float32))
-
-    def test_step(self, data):
-        images, gt_boxes, gt_classes = self._unpack(data)
-        # Step 0: the validation loss samples the same anchors and RoIs every epoch.
-        losses = self._stage_losses(images, gt_boxes, gt_classes, training=False, step=0)
-        return self._update_trackers(losses, tf.cast(tf.shape(images)[0], tf.float32))
-
-    def predict_step(self, data):
-        if isinstance(data, dict):
-            data = data["image"]
-        elif isinstance(data, (tuple, list)):
-            data = data[0]
-            data = data["image"] if isinstance(data, dict) else data
-        return self(data, training=False)
-
     # ------------------------------------------------------------------ saving
     def get_config(self):
         config = super().get_config()
         config.update(self.config.to_dict())
         config["training_stage"] = self.training_stage
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        for key in ("trainable", "dtype"):
-            config.pop(key, None)
-        return cls(**config)
 
 
 def proposals_before_after_nms(model, images):

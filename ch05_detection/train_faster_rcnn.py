@@ -43,7 +43,8 @@ import tensorflow as tf
 from ch04_classification.models import BACKBONE_NAMES
 from ch05_detection import anchors as anchor_ops
 from ch05_detection import evaluate
-from ch05_detection.faster_rcnn import ALTERNATING_SCHEDULE, FasterRCNN, load_backbone_weights
+from ch05_detection.detector import load_backbone_weights
+from ch05_detection.faster_rcnn import ALTERNATING_SCHEDULE, FasterRCNN
 
 SHARED_STAGES = ("rpn_finetune", "detector_finetune")  # steps 3 and 4: one backbone for both parts
 from common import data as common_data

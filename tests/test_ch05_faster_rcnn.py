@@ -83,11 +83,15 @@ def test_keras_round_trip_gives_identical_outputs(tmp_path, batch, trained):
     assert loaded.get_config() == model.get_config()
     # Same call (eager, same batch shape) on both: bit-identical outputs. (Graphs traced
     # for other batch shapes may pick other CPU kernels, which differ in the last bit.)
-    expected = model(batch["image"], training=False)
+    expected = model(batch["image"], training=False)  # raw outputs: proposals, head outputs
     actual = loaded(batch["image"], training=False)
-    assert int(tf.reduce_sum(expected["num_detections"])) > 0
+    assert set(expected) == {"proposals", "num_proposals", "class_logits", "box_deltas"}
     for key in expected:
         np.testing.assert_array_equal(actual[key].numpy(), expected[key].numpy())
+    decoded, loaded_decoded = model.decode(expected), loaded.decode(actual)
+    assert int(tf.reduce_sum(decoded["num_detections"])) > 0
+    for key in decoded:
+        np.testing.assert_array_equal(loaded_decoded[key].numpy(), decoded[key].numpy())
     np.testing.assert_array_equal(loaded.propose(batch["image"])["proposals"].numpy(),
                                   model.propose(batch["image"])["proposals"].numpy())
 
@@ -262,5 +266,5 @@ def test_other_chapter4_backbones_build_and_detect(backbone):
                        anchor_scales=(16, 32), rpn_filters=8, head_units=8, head_channels=8,
                        rpn_post_nms_top_n_test=10, max_detections=5)
     assert model.feature_size == (4, 4)
-    out = model(np.zeros((1, 64, 64, 3), np.float32))
+    out = model.detect(np.zeros((1, 64, 64, 3), np.float32))
     assert out["boxes"].shape == (1, 5, 4)

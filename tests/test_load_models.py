@@ -60,7 +60,7 @@ for chapter, loader in [("ch04", ch04_classification.load_model),
     report[chapter + "_class"] = type(model).__name__
     result = model(inputs[chapter], training=False)
     if isinstance(result, dict):
-        result = result["scores"]
+        result = result["class_logits"]  # a detector: its raw head outputs
     outputs[chapter] = np.asarray(result)
 np.savez(sys.argv[3], **outputs)
 print(json.dumps(report))
@@ -96,7 +96,7 @@ def saved_models(tmp_path_factory):
         model.save(paths[chapter])
         inputs[chapter] = rng.uniform(size=input_shape).astype(np.float32)
         result = model(inputs[chapter], training=False)
-        outputs[chapter] = np.asarray(result["scores"] if isinstance(result, dict) else result)
+        outputs[chapter] = np.asarray(result["class_logits"] if isinstance(result, dict) else result)
     np.savez(root / "inputs.npz", **inputs)
     return root, paths, outputs
 
