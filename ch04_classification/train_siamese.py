@@ -24,6 +24,13 @@ Run from the repo root (CPU is fine):
     python ch04_classification/train_siamese.py --mining semi_hard --out runs/siamese_semi_hard
     python ch04_classification/train_siamese.py --loss binary --out runs/siamese_binary
     python ch04_classification/train_siamese.py --fast                  # a seconds-long smoke run
+    python ch04_classification/train_siamese.py --dataset lfw           # Labeled Faces in the Wild (tfds)
+    python ch04_classification/train_siamese.py --dataset my_faces/     # your photos, a folder per person
+
+Your own photos: my_faces/<person>/<photo>.jpg (persons split 80/10/10 by a hash of the folder
+name), or my_faces/train|validation|test/<person>/... to choose the split yourself. Each validation
+and test person needs at least two photos (a same-person pair); --num-*-identities then cap the
+persons used.
 
 The default run (no arguments) ends within 10 minutes on a 2-core CPU: the training has an 8.5-minute
 --time-budget-minutes, drawing the 9,600 faces and the evaluation take about a minute each. Measured on
@@ -43,6 +50,9 @@ from typing import ClassVar
 
 import numpy as np
 
+from pathlib import Path
+
+from common import data as common_data
 from common import faces, training
 from ch04_classification import models, siamese
 
@@ -53,6 +63,10 @@ LOSSES = ("triplet", "binary")
 class SiameseConfig(training.TrainingConfig):
     """Train a Siamese encoder on the embedded faces and verify persons never seen in training."""
 
+    dataset: str = field(default="faces", metadata={
+        "help": "faces (embedded, drawn), lfw (tensorflow-datasets), or a folder with one sub-folder "
+                "of photos per person"})
+    data_dir: str = field(default="", metadata={"help": "tensorflow-datasets folder ('' = default)"})
     loss: str = field(default="triplet", metadata={
         "help": "triplet (margin loss on mined triplets) or binary (logistic unit on |f1 - f2|)",
         "choices": LOSSES})
@@ -98,6 +112,9 @@ class SiameseConfig(training.TrainingConfig):
 
 def check_config(config):
     """ValueError naming the option for anything we can check before drawing data."""
+    if config.dataset not in ("faces", "lfw") and not Path(config.dataset).is_dir():
+        raise ValueError(f"--dataset must be faces, lfw or a folder of person sub-folders; "
+                         f"{config.dataset!r} is none of them (no such folder)")
     if config.loss not in LOSSES:
         raise ValueError(f"--loss must be one of {LOSSES}, got {config.loss!r}")
     if config.mining not in siamese.MINING:
@@ -118,17 +135,65 @@ def check_config(config):
     if config.batch_size % config.images_per_identity or config.batch_size < 2 * config.images_per_identity:
         raise ValueError(f"--batch-size ({config.batch_size}) must be a multiple of --images-per-identity "
                          f"({config.images_per_identity}) with at least two persons per batch")
-    if config.batch_size // config.images_per_identity > config.num_train_identities:
+    if config.dataset == "faces" and config.batch_size // config.images_per_identity > config.num_train_identities:
         raise ValueError(f"--batch-size {config.batch_size} / --images-per-identity "
                          f"{config.images_per_identity} persons per batch, but --num-train-identities is "
                          f"only {config.num_train_identities}")
-    if config.one_shot_way < 2 or config.one_shot_way > config.num_test_identities:
+    if config.one_shot_way < 2 or (config.dataset == "faces"
+                                   and config.one_shot_way > config.num_test_identities):
         raise ValueError(f"--one-shot-way must be in [2, --num-test-identities = "
                          f"{config.num_test_identities}], got {config.one_shot_way}")
 
 
+def _real_split(config, split):
+    """(images float [N, S, S, 3], person labels [N]) of lfw or a person folder, before capping."""
+    size = (config.image_size, config.image_size)
+    if config.dataset == "lfw":
+        options = {"data_dir": config.data_dir} if config.data_dir else {}
+        examples = list(common_data.load("lfw", split, image_size=size, **options).as_numpy_iterator())
+        if not examples:
+            training.fail(f"--dataset lfw: no photo in split {split!r}")
+        return (np.stack([e["image"] for e in examples]),
+                np.asarray([e["label"] for e in examples], np.int64))
+    try:
+        images, labels, _ = common_data.load_person_folder(config.dataset, split, size)
+    except ValueError as error:
+        training.fail(f"--dataset {config.dataset}: {error}")
+    return images, labels
+
+
+def real_split(config, split):
+    """lfw or your folder: persons renumbered 0..P-1 in order, at most --num-*-identities of them;
+    validation and test keep only persons with two photos or more (a same-person pair)."""
+    images, labels = _real_split(config, split)
+    persons, labels = np.unique(labels, return_inverse=True)
+    keep = np.ones(len(labels), bool)
+    if split != "train":
+        keep = np.bincount(labels)[labels] >= 2
+    limit = {"train": config.num_train_identities, "validation": config.num_val_identities,
+             "test": config.num_test_identities}[split]
+    kept_persons = np.unique(labels[keep])[:limit]
+    keep &= np.isin(labels, kept_persons)
+    order = np.argsort(labels[keep], kind="stable")  # photos of a person next to each other
+    images, labels = images[keep][order], labels[keep][order]
+    labels = np.unique(labels, return_inverse=True)[1].astype(np.int64)
+    needed = {"train": max(2, config.batch_size // config.images_per_identity),
+              "validation": 2, "test": max(2, config.one_shot_way)}[split]
+    found = int(labels.max()) + 1 if len(labels) else 0
+    if found < needed:
+        reason = {"train": f"a batch of --batch-size {config.batch_size} / --images-per-identity "
+                           f"{config.images_per_identity} persons",
+                  "validation": "two persons with two photos each (to choose tau)",
+                  "test": f"--one-shot-way {config.one_shot_way} persons with two photos each"}[split]
+        training.fail(f"--dataset {config.dataset}: the {split} split has {found} usable persons, "
+                      f"fewer than {reason}; add persons or lower that option")
+    return np.round(images * 255).astype(np.uint8), labels
+
+
 def draw_split(config, split):
     """(images uint8 [N, S, S, 3], labels [N]) of a split, person by person."""
+    if config.dataset != "faces":
+        return real_split(config, split)
     count, per_person = {"train": (config.num_train_identities, config.train_images_per_identity),
                          "validation": (config.num_val_identities, config.eval_images_per_identity),
                          "test": (config.num_test_identities, config.eval_images_per_identity)}[split]
@@ -194,8 +259,8 @@ def main(argv=None):
             model, loss = encoder, siamese.TripletLoss(config.margin, config.mining)
         model.compile(optimizer=run.optimizer(steps_per_epoch), loss=loss, jit_compile=run.jit_compile)
     print(f"{config.loss}{' (' + config.mining + ' mining)' if config.loss == 'triplet' else ''} on "
-          f"{config.backbone}: {config.num_train_identities} training persons x "
-          f"{config.train_images_per_identity} photos of {config.image_size}x{config.image_size}, batches of "
+          f"{config.backbone}, {config.dataset}: {len(np.unique(train_labels))} training persons, "
+          f"{len(train_labels)} photos of {config.image_size}x{config.image_size}, batches of "
           f"{persons_per_batch} persons x {config.images_per_identity}; {encoder.count_params():,} "
           f"parameters; data drawn in {data_seconds:.1f} s")
     run.fit(model, lambda first_epoch: siamese.pk_batches(
@@ -240,8 +305,9 @@ def main(argv=None):
         "test_pixel_verification_accuracy": pixels["test_verification_accuracy"],
         "test_pixel_roc_auc": pixels["test_roc_auc"],
         "test_pixel_one_shot_top1": pixels["test_one_shot_top1"],
-        "num_train_identities": config.num_train_identities,
-        "num_test_identities": config.num_test_identities,
+        "dataset": config.dataset,
+        "num_train_identities": int(len(np.unique(train_labels))),
+        "num_test_identities": int(len(np.unique(arrays["test"][1]))),
         "num_test_pairs": int(len(same)),
         "image_size": config.image_size,
         "data_seconds": round(data_seconds, 2),

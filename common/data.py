@@ -1229,6 +1229,72 @@ def _load_face_dataset(name, split, task, image_size, num_examples, seed, data_d
     return _finish(dataset, resize, channels)
 
 
+def person_split(person_name: str) -> str:
+    """The split of a person of a folder-per-person data set (80/10/10 by ``hash_split`` of the
+    folder name): all photos of one person go to one split, so evaluation is on people never seen."""
+    return hash_split(person_name)
+
+
+def load_person_folder(root, split="train", image_size=64, strict=False):
+    """Your own photos for face verification: one sub-folder of photos per person.
+
+    Layouts (persons are disjoint between the splits, as verification needs)::
+
+        root/<person>/<photo>.jpg                  persons split 80/10/10 by a hash of the name
+        root/{train,validation,test}/<person>/...  your own split
+
+    Args:
+        root: the folder.
+        split: "train", "validation" or "test".
+        image_size: int or (height, width); photos are resized (bilinear) to it.
+        strict: raise on an unreadable file instead of warning and skipping it.
+    Returns:
+        ``(images, labels, person_names)``: float32 ``[N, H, W, 3]`` in [0, 1], int32 ``[N]``
+        (0 .. P-1, photos of a person next to each other), and the P folder names.
+    Raises:
+        ValueError: no such folder, no person folders, or no photo of any person in ``split``
+            (the message says how many persons each split got).
+    """
+    _check_split(split)
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: no such folder (expected one sub-folder of photos per person)")
+    size = _check_image_size(image_size) or (64, 64)
+    bad = _BadData(strict)
+    base = _split_root(root, split)
+    person_root = root if base is None else base
+    persons = sorted(p for p in person_root.iterdir() if p.is_dir())
+    if not persons:
+        raise ValueError(f"{person_root} has no person sub-folders: expected "
+                         f"{person_root}/<person>/<photo>{IMAGE_EXTENSIONS}")
+    counts = {name: 0 for name in SPLITS}
+    images, labels, names = [], [], []
+    for person in persons:
+        own_split = split if base is not None else person_split(person.name)
+        counts[own_split] += 1
+        if own_split != split:
+            continue
+        photos = []
+        for path in sorted(p for p in person.iterdir() if _is_image(p)):
+            image = _read_image(path)
+            if image is None:
+                bad(path, "not a readable image (corrupt or unsupported format)")
+                continue
+            photos.append(cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA))
+        if not photos:
+            continue
+        labels += [len(names)] * len(photos)
+        names.append(person.name)
+        images += photos
+    if not images:
+        where = "" if base is not None else (
+            f" (the hash split gave {counts} persons; with few persons, make "
+            f"{root}/train, validation and test folders yourself)")
+        raise ValueError(f"{person_root}: no photo of any person in split {split!r}{where}")
+    return (np.stack(images).astype(np.float32) / 255.0, np.asarray(labels, np.int32),
+            tuple(names))
+
+
 def _face_info(name):
     """Training persons of ``faces`` as its "classes" (LFW's are only known after the download)."""
     if name == "faces":

@@ -286,3 +286,84 @@ def test_fast_binary_run_and_option_errors(tmp_path, capsys):
                        (["--margin", "-1"], "--margin")):
         with pytest.raises(RunError, match=flag):
             train_siamese.main(["--fast", "--out", str(tmp_path / "bad"), *argv])
+
+
+def _write_person_folder(root, persons_per_split, photos=4, split_folders=True, size=40):
+    """Photos of drawn persons as PNG files: root/<split>/<person>/<k>.png (or root/<person>/...)."""
+    import cv2
+
+    from common import faces
+
+    for split, count in persons_per_split.items():
+        for person in range(count):
+            folder = (root / split if split_folders else root) / f"{split}_person_{person}"
+            folder.mkdir(parents=True)
+            for k in range(photos):
+                image = faces.make_face(person, k, split, 0, size)["image"]
+                cv2.imwrite(str(folder / f"{k}.png"),
+                            cv2.cvtColor(np.round(image * 255).astype(np.uint8), cv2.COLOR_RGB2BGR))
+
+
+def test_person_folder_layouts_keep_persons_disjoint(tmp_path):
+    from common import data
+
+    own = tmp_path / "own"
+    _write_person_folder(own, {"train": 3, "validation": 2, "test": 2}, photos=3)
+    (own / "test" / "test_person_0" / "broken.png").write_bytes(b"not an image")
+    seen = {}
+    for split in ("train", "validation", "test"):
+        if split == "test":
+            with pytest.warns(data.BadDataWarning, match="broken.png"):
+                images, labels, names = data.load_person_folder(own, split, image_size=24)
+            with pytest.raises(ValueError, match="broken.png"):
+                data.load_person_folder(own, split, image_size=24, strict=True)
+        else:
+            images, labels, names = data.load_person_folder(own, split, image_size=24)
+        assert images.shape == (3 * len(names), 24, 24, 3) and images.dtype == np.float32
+        assert 0.0 <= images.min() and images.max() <= 1.0
+        np.testing.assert_array_equal(labels, np.repeat(np.arange(len(names)), 3))
+        assert all(name.startswith(split) for name in names)
+        seen[split] = set(names)
+    assert not (seen["train"] & seen["validation"]) and not (seen["train"] & seen["test"])
+
+    # Without split folders: persons go to one split each, by the hash of their folder name.
+    flat = tmp_path / "flat"
+    _write_person_folder(flat, {"train": 12, "validation": 6}, photos=2, split_folders=False)
+    found = {}
+    for split in ("train", "validation", "test"):
+        try:
+            found[split] = data.load_person_folder(flat, split, image_size=16)[2]
+        except ValueError as error:  # a split the hash gave no person: the message says so
+            assert "hash split gave" in str(error)
+            found[split] = ()
+    assert sorted(sum(map(list, found.values()), [])) == sorted(p.name for p in flat.iterdir())
+    for split, names in found.items():
+        assert all(data.person_split(name) == split for name in names)
+
+    with pytest.raises(ValueError, match="no such folder"):
+        data.load_person_folder(tmp_path / "missing", "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no person sub-folders"):
+        data.load_person_folder(tmp_path / "empty", "train")
+
+
+def test_fast_run_on_your_own_person_folder(tmp_path, capsys):
+    from ch04_classification import train_siamese
+
+    own = tmp_path / "own"
+    _write_person_folder(own, {"train": 8, "validation": 3, "test": 4})
+    metrics = train_siamese.main(["--fast", "--dataset", str(own), "--one-shot-way", "3",
+                                  "--out", str(tmp_path / "run")])
+    assert metrics["dataset"] == str(own)
+    assert metrics["num_train_identities"] == 8 and metrics["num_test_identities"] == 4
+    assert 0.0 <= metrics["test_verification_accuracy"] <= 1.0
+    assert (tmp_path / "run" / "roc.png").is_file()
+    # Too few test persons for the one-shot gallery: a message naming the option, no traceback.
+    with pytest.raises(SystemExit) as stop:
+        train_siamese.main(["--fast", "--dataset", str(own), "--one-shot-way", "5",
+                            "--out", str(tmp_path / "too_few")])
+    assert stop.value.code == 2
+    assert "--one-shot-way 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_siamese.main(["--fast", "--dataset", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+    assert "--dataset" in capsys.readouterr().err
