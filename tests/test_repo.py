@@ -55,3 +55,28 @@ def test_no_file_cites_a_document_outside_the_repo():
                  and name != "tests/test_repo.py"]
     assert not offenders, offenders
     assert (REPO_ROOT / "docs" / "design.md").is_file()
+
+
+def test_readme_tables_are_generated_from_the_record(tmp_path):
+    """README.md's generated tables equal what tools/results_tables.py renders from
+    docs/results.json, and a changed number would show."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("results_tables", REPO_ROOT / "tools" / "results_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    readme = (REPO_ROOT / "README.md").read_text()
+    runs = tables.load_runs()
+    assert tables.render(readme, runs) == readme, "run python tools/results_tables.py --write"
+    changed = json.loads(json.dumps(runs))
+    changed["train_faster_rcnn"]["val_map50"] = 0.123
+    assert "0.123" in tables.render(readme, changed) and tables.render(readme, changed) != readme
+    # --record copies a run's metrics into the record (here into a copy of it).
+    run_dir, record_path = tmp_path / "run", tmp_path / "results.json"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"val_map50": 0.5, "parameters": 7, "other": 1}))
+    record_path.write_text(json.dumps({"runs": {}}))
+    entry = tables.record(run_dir, "train_detector_ssd", "1.0", path=record_path)
+    assert entry["val_map50"] == 0.5 and "other" not in entry and entry["stale"] is False
+    assert json.loads(record_path.read_text())["runs"]["train_detector_ssd"]["parameters"] == 7

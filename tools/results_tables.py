@@ -1,0 +1,147 @@
+"""The README's generated tables, from docs/results.json (one source for each full-run number).
+
+    python tools/results_tables.py --check     # exit 1 if README.md's tables differ from the record
+    python tools/results_tables.py --write     # rewrite them in README.md
+    python tools/results_tables.py --record runs/train_detector_ssd train_detector_ssd \\
+        --load "1.9 at the start, 2.3 at the end"  # copy a run's metrics.json into the record
+
+A generated table sits in README.md between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``;
+``tests/test_repo.py`` fails when it is not what this script renders, so a number changed in
+docs/results.json without ``--write`` (or a table edited by hand) is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results.json"
+README = REPO / "README.md"
+
+# The detector table of chapter 5: (record name, model shown, how it was run).
+DETECTOR_ROWS = (
+    ("train_faster_rcnn", "Faster R-CNN (joint)", "train_faster_rcnn.py"),
+    ("train_detector_yolo", "YOLO v1", "train_detector.py --model yolo"),
+    ("train_detector_yolo_anchors", "YOLO with anchors", "train_detector.py --model yolo_anchors"),
+    ("train_detector_ssd", "SSD", "train_detector.py --model ssd"),
+    ("train_detector_retinanet", "RetinaNet (focal loss)", "train_detector.py --model retinanet"),
+    ("train_detector_retinanet_ce", "RetinaNet (cross-entropy)",
+     "train_detector.py --model retinanet --classification-loss cross_entropy"),
+    ("train_detector_centernet", "CenterNet", "train_detector.py --model centernet"),
+)
+# Keys copied from a run's metrics.json by --record (the rest of metrics.json stays in the run).
+RECORD_KEYS = (
+    "model", "val_map50", "val_map", "val_map75", "val_pycocotools_map50", "val_pycocotools_map",
+    "parameters", "train_seconds", "total_seconds_this_run", "epochs", "planned_epochs",
+    "stopped_by_time_budget", "train_images_per_second", "inference_ms_batch1",
+    "inference_ms_batch16", "val_accuracy", "val_mean_iou", "val_pixel_accuracy",
+    "test_verification_accuracy", "test_roc_auc", "test_one_shot_top1",
+)
+
+
+def _number(value, digits):
+    if value is None:
+        return "-"
+    if isinstance(value, int) and digits == 0:
+        return f"{value:,}"
+    return f"{value:,.{digits}f}"
+
+
+def detector_table(runs):
+    """Markdown of the detector table from the record's runs (rows not measured say so)."""
+    lines = ["| model | command | parameters | val mAP@0.5 | mAP@[.5:.95] | training s | "
+             "train images/s | inference ms/image (batch 1 / 16) | machine load |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, model, command in DETECTOR_ROWS:
+        run = runs.get(name)
+        if not run or run.get("val_map50") is None:
+            lines.append(f"| {model} | `{command}` | | not measured yet | | | | | |")
+            continue
+        stale = " (stale)" if run.get("stale") else ""
+        lines.append(
+            f"| {model}{stale} | `{command}` | {_number(run.get('parameters'), 0)} | "
+            f"{_number(run.get('val_map50'), 3)} | {_number(run.get('val_map'), 3)} | "
+            f"{_number(run.get('train_seconds'), 0)} | "
+            f"{_number(run.get('train_images_per_second'), 1)} | "
+            f"{_number(run.get('inference_ms_batch1'), 1)} / "
+            f"{_number(run.get('inference_ms_batch16'), 1)} | {run.get('load_average', '-')} |")
+    return "\n".join(lines)
+
+
+TABLES = {"detector-table": detector_table}
+
+
+def render(readme_text, runs):
+    """README text with every generated table replaced by what the record gives."""
+    for name, make in TABLES.items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        if begin not in readme_text or end not in readme_text:
+            raise ValueError(f"README.md lacks the markers {begin} ... {end}")
+        head, rest = readme_text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        readme_text = f"{head}{begin}\n{make(runs)}\n{end}{tail}"
+    return readme_text
+
+
+def load_runs(path=RESULTS):
+    return json.loads(Path(path).read_text())["runs"]
+
+
+def record(run_dir, name, load, path=RESULTS):
+    """Copy the RECORD_KEYS of ``run_dir/metrics.json`` (and its command) into the record."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise ValueError(f"{metrics_path}: no such file (finish the run first)")
+    metrics = json.loads(metrics_path.read_text())
+    config_path = run_dir / "config.json"
+    entry = {key: metrics[key] for key in RECORD_KEYS if key in metrics}
+    if config_path.is_file():
+        entry["config"] = json.loads(config_path.read_text())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    entry["load_average"] = load
+    entry["measured"] = f"{date.today().isoformat()}, commit {commit or 'unknown'}"
+    entry["stale"] = False
+    content = json.loads(Path(path).read_text())
+    content["runs"][name] = entry
+    Path(path).write_text(json.dumps(content, indent=2) + "\n")
+    return entry
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
+    group.add_argument("--write", action="store_true", help="rewrite the tables in README.md")
+    group.add_argument("--record", nargs=2, metavar=("RUN_DIR", "NAME"),
+                       help="copy RUN_DIR/metrics.json into docs/results.json as NAME")
+    parser.add_argument("--load", default="", help="with --record: the machine's load average")
+    args = parser.parse_args(argv)
+    if args.record:
+        if not args.load:
+            parser.error("--record needs --load (the load average during the run)")
+        try:
+            record(*args.record, args.load)
+        except ValueError as error:
+            parser.error(str(error))
+        return 0
+    text = README.read_text()
+    rendered = render(text, load_runs())
+    if args.write:
+        README.write_text(rendered)
+        return 0
+    if rendered != text:
+        print("README.md's generated tables differ from docs/results.json: run "
+              "python tools/results_tables.py --write", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
