@@ -1,7 +1,9 @@
-"""Chapter 5: object detection (box operations, anchors, RPN, RoI ops, Faster R-CNN, evaluation).
+"""Chapter 5: object detection (box operations, anchors, RPN, RoI ops, Faster R-CNN, YOLO, SSD,
+feature pyramids and focal loss, RetinaNet, CenterNet, evaluation).
 
-Load a detector this chapter saved (``train_faster_rcnn.py`` writes
-``<out>/faster_rcnn.keras``)::
+Every detector follows one interface (``detector.py``). Load a detector this chapter saved
+(``train_faster_rcnn.py`` writes ``<out>/faster_rcnn.keras``, ``train_detector.py --model M``
+writes ``<out>/M.keras``)::
 
     import ch05_detection
     model = ch05_detection.load_model("runs/train_faster_rcnn/faster_rcnn.keras")
