@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import augment, data, training, viz
-from ch04_classification import models
+from ch04_classification import models, tta
 from ch04_classification.trainer import GOOGLENET_AUX_LOSS_WEIGHT, ClassifierTrainer, accuracy_metrics
 
 # Default peak learning rate per optimizer when the user gives none; Keras' decoupled weight decay
@@ -101,6 +101,10 @@ class TrainConfig(training.TrainingConfig):
         "help": "augmentation: VGG scale jittering, zoom in by up to 1 + this (0 = off)"})
     color_jitter: float = field(default=0.0, metadata={
         "help": "augmentation: brightness/contrast/saturation jitter (hue gets a fifth of it; 0 = off)"})
+    tta: bool = field(default=False, metadata={
+        "help": "also report validation accuracy with test-time augmentation: predictions averaged "
+                "over scales 0.875/1/1.125 and, where training flips, left-right flips (VGG sec. 3.2, "
+                "4.2)"})
     time_budget_minutes: float = field(default=4.5, metadata={
         "help": "end after the last epoch that fits in this many minutes of training, the cosine "
                 "decay shortened to match (0 = no budget)"})
@@ -317,10 +321,19 @@ def main(argv=None):
     }
     if "top5_accuracy" in results:
         metrics["val_top5_accuracy"] = float(results["top5_accuracy"])
+    if config.tta:
+        # Flip at test time only where training flipped (a mirrored digit is another digit).
+        flips = config.flip if config.flip is not None else config.dataset.startswith("shapes")
+        result = tta.evaluate_tta(network, val_data, flips=flips, batch_size=config.batch_size)
+        metrics["val_accuracy_tta"] = float(result["tta_accuracy"])
+        metrics["val_accuracy_tta_plain"] = float(result["accuracy"])  # the same views as val_accuracy
+        metrics["tta_views"] = int(result["num_views"])
     metrics = run.finish(metrics, history_keys=["loss", "accuracy"])
     summary = f"val accuracy {metrics['val_accuracy']:.4f}"
     if "val_top5_accuracy" in metrics:
         summary += f", top-5 {metrics['val_top5_accuracy']:.4f}"
+    if "val_accuracy_tta" in metrics:
+        summary += f", with test-time augmentation ({metrics['tta_views']} views) {metrics['val_accuracy_tta']:.4f}"
     print(f"Done: {summary} after {metrics['epochs']} epochs; {metrics['train_seconds']:.1f} s of training "
           f"in all (this run: {metrics['epochs_this_run']} epochs). Outputs in {out}/")
     return metrics

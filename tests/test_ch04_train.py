@@ -87,6 +87,22 @@ def test_top5_accuracy_with_more_than_five_classes(tmp_path):
         top_k_accuracy_score(labels, probabilities, k=5, labels=np.arange(10)), abs=1e-6)
 
 
+def test_tta_reports_both_accuracies_and_flips_only_where_training_did(tmp_path):
+    from ch04_classification import tta
+
+    out = tmp_path / "digits_tta"
+    metrics = train_classifier.main(["--fast", "--dataset", "digits", "--out", str(out), "--epochs", "1",
+                                     "--tta"])
+    # The plain view of the TTA pass is the script's own evaluation; no flips for digits: 3 scales.
+    assert metrics["val_accuracy_tta_plain"] == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+    assert metrics["tta_views"] == 3 and 0.0 <= metrics["val_accuracy_tta"] <= 1.0
+    images, labels = validation_arrays("digits", 64, metrics["image_size"])
+    network = keras.saving.load_model(out / "model.keras")
+    averaged = tta.predict_tta(network, images, flips=False)
+    assert metrics["val_accuracy_tta"] == pytest.approx(float(np.mean(averaged.argmax(-1) == labels)),
+                                                        abs=1e-6)
+
+
 @pytest.mark.parametrize("argv, option", [
     (["--model", "resnet9000"], "--model"),
     (["--dataset", "no_such_data_set"], "--dataset"),
