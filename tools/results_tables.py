@@ -101,8 +101,8 @@ def record(run_dir, name, load, path=RESULTS):
     metrics = json.loads(metrics_path.read_text())
     config_path = run_dir / "config.json"
     entry = {key: metrics[key] for key in RECORD_KEYS if key in metrics}
-    if config_path.is_file():
-        entry["config"] = json.loads(config_path.read_text())
+    if config_path.is_file():  # every option of the run (not where it wrote: a local path)
+        entry["config"] = {k: v for k, v in json.loads(config_path.read_text()).items() if k != "out"}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     entry["load_average"] = load
