@@ -50,7 +50,8 @@ import numpy as np
 import tensorflow as tf
 
 from ch05_detection import targets
-from ch05_detection.detector import Detector, DetectorConfig, _require, pad_detections
+from ch05_detection.detector import (
+    Detector, DetectorConfig, _require, backbone_options_for, pad_detections)
 
 RADIUS_RULES = ("box", "iou")
 # Initial heatmap probability 0.1: bias -log((1 - 0.1) / 0.1) = -2.197 (CenterNet's -2.19).
@@ -483,10 +484,7 @@ def from_options(options, num_classes, class_names, train_boxes):
     neither does ``train_boxes``.
     """
     del train_boxes  # no anchors to fit
-    backbone_options = {}
-    if options.backbone == "resnet_small":
-        width = int(options.backbone_width)
-        backbone_options = {"filters": [width, 2 * width, 4 * width, 8 * width]}
+    backbone_options = backbone_options_for(options.backbone, options.backbone_width)
     size = int(options.image_size)
     return CenterNet(num_classes, class_names=tuple(class_names), image_size=(size, size),
                      backbone=options.backbone, backbone_options=backbone_options,

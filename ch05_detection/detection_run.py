@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from ch04_classification.models import BACKBONE_NAMES
 from ch05_detection import evaluate
+from ch05_detection.detector import backbone_options_for
 from common import data as common_data
 from common import training, viz
 
@@ -76,10 +77,7 @@ def check_detection_config(config):
 
 def backbone_options(config):
     """Builder options of the chosen backbone (resnet_small's widths from ``--backbone-width``)."""
-    if config.backbone == "resnet_small":
-        width = config.backbone_width
-        return {"filters": [width, 2 * width, 4 * width, 8 * width]}
-    return {}
+    return backbone_options_for(config.backbone, config.backbone_width)
 
 
 # ----------------------------------------------------------------------------------

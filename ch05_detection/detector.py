@@ -172,6 +172,15 @@ def build_backbone(config, name="backbone"):
     return backbone
 
 
+def backbone_options_for(backbone, width):
+    """Builder options of a chapter-4 backbone from a script's ``--backbone-width``: resnet_small's
+    stage widths ``[w, 2w, 4w, 8w]``; the other backbones have fixed widths (no options)."""
+    if backbone == "resnet_small":
+        width = int(width)
+        return {"filters": [width, 2 * width, 4 * width, 8 * width]}
+    return {}
+
+
 def load_backbone_weights(model_or_backbone, classifier_path):
     """Initialise a detector's backbone from a chapter-4 classifier: ImageNet pre-training in
     miniature.

@@ -58,7 +58,8 @@ from ch05_detection import anchors as anchor_ops
 from ch05_detection import boxes as box_ops
 from ch05_detection import fpn as fpn_ops
 from ch05_detection import targets
-from ch05_detection.detector import Detector, DetectorConfig, _require, select_detections
+from ch05_detection.detector import (
+    Detector, DetectorConfig, _require, backbone_options_for, select_detections)
 from ch05_detection.focal_loss import sigmoid_focal_loss
 from ch05_detection.rpn import smooth_l1
 
@@ -551,10 +552,7 @@ def from_options(options, num_classes, class_names, train_boxes):
     """
     del train_boxes  # the anchors are designed, not learnt from the boxes (unlike YOLOv2's)
     size = int(options.image_size)
-    backbone_options = {}
-    if options.backbone == "resnet_small":
-        width = int(options.backbone_width)
-        backbone_options = {"filters": [width, 2 * width, 4 * width, 8 * width]}
+    backbone_options = backbone_options_for(options.backbone, options.backbone_width)
     return RetinaNet(
         num_classes, class_names=tuple(class_names), image_size=(size, size),
         backbone=options.backbone, backbone_options=backbone_options,

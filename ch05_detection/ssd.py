@@ -52,7 +52,8 @@ import tensorflow as tf
 
 from ch05_detection import boxes as box_ops
 from ch05_detection import targets
-from ch05_detection.detector import Detector, DetectorConfig, _require, select_detections
+from ch05_detection.detector import (
+    Detector, DetectorConfig, _require, backbone_options_for, select_detections)
 from ch05_detection.rpn import smooth_l1
 
 # The box-coding variances of the SSD code (Liu et al. 2016): offsets are divided by them.
@@ -618,10 +619,7 @@ def from_options(options, num_classes, class_names, train_boxes):
     RetinaNet options (``anchors``, ``classification_loss``) are not used.
     """
     del train_boxes  # the default boxes are fixed by eq. 4, not fitted to the data
-    backbone_options = {}
-    if options.backbone == "resnet_small":
-        width = int(options.backbone_width)
-        backbone_options = {"filters": [width, 2 * width, 4 * width, 8 * width]}
+    backbone_options = backbone_options_for(options.backbone, options.backbone_width)
     size = int(options.image_size)
     return SSD(num_classes, class_names=tuple(class_names), image_size=(size, size),
                backbone=options.backbone, backbone_options=backbone_options,

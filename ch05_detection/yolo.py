@@ -99,7 +99,7 @@ import tensorflow as tf
 from ch05_detection import boxes as box_ops
 from ch05_detection import targets
 from ch05_detection.detector import (
-    Detector, DetectorConfig, _require, build_backbone, select_detections)
+    Detector, DetectorConfig, _require, backbone_options_for, build_backbone, select_detections)
 
 CONFIDENCE_TARGETS = ("iou", "one")
 # t_w, t_h are clamped here before exp(): an untrained head never makes an inf box.
@@ -883,10 +883,7 @@ def from_options(options, num_classes, class_names, train_boxes):
     """
     model_name = getattr(options, "model", "yolo")
     _require(model_name in MODEL_NAMES, "options.model", f"one of {MODEL_NAMES}", model_name)
-    backbone_options = {}
-    if options.backbone == "resnet_small":
-        width = int(options.backbone_width)
-        backbone_options = {"filters": [width, 2 * width, 4 * width, 8 * width]}
+    backbone_options = backbone_options_for(options.backbone, options.backbone_width)
     anchors = None
     if model_name == "yolo_anchors":
         k = int(options.anchors)
