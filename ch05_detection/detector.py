@@ -450,6 +450,21 @@ class Detector(keras.Model):
         flipped = tf.where((gt_classes >= 0)[..., None], flipped, gt_boxes)
         return images, tf.where(flip[:, None, None], flipped, gt_boxes)
 
+    def extra_inputs(self, batch, images):
+        """Keyword arguments of ``losses_for`` beyond the images and boxes, read from the batch
+        dict (e.g. precomputed proposals); none by default. ``images`` are the checked ones."""
+        return {}
+
+    def flip_extra_inputs(self, extra, images, step):
+        """``extra_inputs`` flipped with their images by ``train_step``'s random flip (boxes
+        must follow it: use ``self._flip`` with the same ``step``); unchanged by default."""
+        return extra
+
+    def _unpack_all(self, data):
+        images, gt_boxes, gt_classes = self._unpack(data)
+        batch = data[0] if isinstance(data, (tuple, list)) else data
+        return images, gt_boxes, gt_classes, self.extra_inputs(batch, images)
+
     def compute_losses(self, batch, training=False, step=0):
         """The named losses for one batch of the detection contract (the detector interface).
 
@@ -461,9 +476,9 @@ class Detector(keras.Model):
         Returns:
             dict of scalars: ``loss`` (the total) and the parts named in ``LOSS_NAMES``.
         """
-        images, gt_boxes, gt_classes = self._unpack(batch)
+        images, gt_boxes, gt_classes, extra = self._unpack_all(batch)
         step = tf.cast(step, tf.int64)
-        return self.losses_for(images, gt_boxes, gt_classes, training=training, step=step)
+        return self.losses_for(images, gt_boxes, gt_classes, training=training, step=step, **extra)
 
     def _update_trackers(self, losses, batch_size):
         for name, tracker in self.loss_trackers.items():
@@ -471,13 +486,15 @@ class Detector(keras.Model):
         return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
 
     def train_step(self, data):
-        images, gt_boxes, gt_classes = self._unpack(data)
+        images, gt_boxes, gt_classes, extra = self._unpack_all(data)
         # The step keys every random choice (flips, sampled anchors and RoIs).
         step = tf.cast(tf.convert_to_tensor(self.optimizer.iterations), tf.int64)
         if self.config.flip_augment:
+            extra = self.flip_extra_inputs(extra, images, step)
             images, gt_boxes = self._flip(images, gt_boxes, gt_classes, step)
         with tf.GradientTape() as tape:
-            losses = self.losses_for(images, gt_boxes, gt_classes, training=True, step=step)
+            losses = self.losses_for(images, gt_boxes, gt_classes, training=True, step=step,
+                                     **extra)
             # The optimizer sums the replicas' gradients: divide by their number.
             loss = self.optimizer.scale_loss(targets.scale_loss_for_replicas(losses["loss"]))
         variables = self.trainable_variables
@@ -487,10 +504,10 @@ class Detector(keras.Model):
         return self._update_trackers(losses, tf.cast(tf.shape(images)[0], tf.float32))
 
     def test_step(self, data):
-        images, gt_boxes, gt_classes = self._unpack(data)
+        images, gt_boxes, gt_classes, extra = self._unpack_all(data)
         # Step 0: a validation loss that samples does so the same way every epoch.
         losses = self.losses_for(images, gt_boxes, gt_classes, training=False,
-                                 step=tf.constant(0, tf.int64))
+                                 step=tf.constant(0, tf.int64), **extra)
         return self._update_trackers(losses, tf.cast(tf.shape(images)[0], tf.float32))
 
     def predict_step(self, data):

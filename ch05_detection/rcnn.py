@@ -450,7 +450,7 @@ class ProposalDetector(Detector):
 
     Batches may carry ``"proposals"`` ``[batch, P, 4]`` and ``"num_proposals"`` ``[batch]``;
     without them (and in ``call(images)`` / ``detect``) ``propose`` runs selective search
-    inside the graph. ``train_step`` flips the proposals with their images.
+    inside the graph. ``train_step`` flips the proposals with their images (``flip_extra_inputs``).
     """
 
     CONFIG_CLASS = ProposalConfig
@@ -491,44 +491,17 @@ class ProposalDetector(Detector):
     def _valid(proposals, num_proposals):
         return tf.range(tf.shape(proposals)[1])[None, :] < num_proposals[:, None]
 
-    def _unpack_with_proposals(self, data):
-        images, gt_boxes, gt_classes = self._unpack(data)
-        batch = data[0] if isinstance(data, (tuple, list)) else data
+    def extra_inputs(self, batch, images):
+        """The batch's ``proposals`` (or selective search) and their validity, for ``losses_for``."""
         proposals, num_proposals = self._regions(batch.get("proposals"),
                                                  batch.get("num_proposals"), images)
-        return images, gt_boxes, gt_classes, proposals, self._valid(proposals, num_proposals)
+        return {"proposals": proposals, "proposal_valid": self._valid(proposals, num_proposals)}
 
-    def compute_losses(self, batch, training=False, step=0):
-        """The named losses of one batch (with its ``proposals``, or selective search)."""
-        images, gt_boxes, gt_classes, proposals, valid = self._unpack_with_proposals(batch)
-        return self.losses_for(images, gt_boxes, gt_classes, training=training,
-                               step=tf.cast(step, tf.int64), proposals=proposals,
-                               proposal_valid=valid)
-
-    def train_step(self, data):
-        images, gt_boxes, gt_classes, proposals, valid = self._unpack_with_proposals(data)
-        step = tf.cast(tf.convert_to_tensor(self.optimizer.iterations), tf.int64)
-        if self.config.flip_augment:
-            # The flip of each image is keyed on (seed, step, image): the same for its proposals.
-            flipped, gt_boxes = self._flip(images, gt_boxes, gt_classes, step)
-            _, proposals = self._flip(images, proposals, tf.where(valid, 0, -1), step)
-            images = flipped
-        with tf.GradientTape() as tape:
-            losses = self.losses_for(images, gt_boxes, gt_classes, training=True, step=step,
-                                     proposals=proposals, proposal_valid=valid)
-            loss = self.optimizer.scale_loss(targets.scale_loss_for_replicas(losses["loss"]))
-        variables = self.trainable_variables
-        gradients = tape.gradient(loss, variables)
-        self.optimizer.apply_gradients([(g, v) for g, v in zip(gradients, variables)
-                                        if g is not None])
-        return self._update_trackers(losses, tf.cast(tf.shape(images)[0], tf.float32))
-
-    def test_step(self, data):
-        images, gt_boxes, gt_classes, proposals, valid = self._unpack_with_proposals(data)
-        losses = self.losses_for(images, gt_boxes, gt_classes, training=False,
-                                 step=tf.constant(0, tf.int64), proposals=proposals,
-                                 proposal_valid=valid)
-        return self._update_trackers(losses, tf.cast(tf.shape(images)[0], tf.float32))
+    def flip_extra_inputs(self, extra, images, step):
+        """The flip of each image is keyed on (seed, step, image): the same for its proposals."""
+        valid = extra["proposal_valid"]
+        _, proposals = self._flip(images, extra["proposals"], tf.where(valid, 0, -1), step)
+        return {**extra, "proposals": proposals}
 
     def build_weights(self):
         """Create every weight with one dummy image and one dummy region (no selective search)."""
