@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -28,7 +27,8 @@ from ch05_detection import train_faster_rcnn
 from common import data as common_data
 from common import synthetic, training
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+import results_md  # bench/results_md.py (bench/ is on the path when run as a script)
+
 SECTION = "## Faster R-CNN"
 
 
@@ -98,15 +98,7 @@ def write_section(result):
                 f"{metrics['epochs']} of {metrics.get('planned_epochs', metrics['epochs'])} "
                 f"planned epochs in {metrics['train_seconds']:.0f} s of training (the "
                 "12.5-minute time budget stops early on a slow or busy machine).", ""]
-    section = "\n".join(lines)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-    return section
+    return results_md.replace_section("\n".join(lines))
 
 
 def main(argv=None):

@@ -30,7 +30,7 @@ from ch04_classification.models import BACKBONE_NAMES
 from ch05_detection import evaluate
 from ch05_detection.detector import backbone_options_for
 from common import data as common_data
-from common import training, viz
+from common import augment, training, viz
 
 
 @dataclass
@@ -58,6 +58,36 @@ class DetectionConfig(training.TrainingConfig):
         "help": "val mAP@0.5 on a subset every N epochs (0 = off)"})
 
 
+@dataclass
+class GeometryAugmentOptions:
+    """Options of the geometric augmentations the input pipeline can add (``common.augment``).
+
+    Mixed into the ``Config`` of the scripts whose batches come from ``train_batches``
+    (``train_faster_rcnn.py``, ``train_detector.py``). Each batch is rotated, sheared and elastically
+    warped in ``tf.data`` before the train step (whose horizontal flip is ``--flip``). Where the data
+    have instance masks (``shapes``), they are loaded with the training split, warped with the image,
+    and each box is recomputed as the extent of its warped mask: boxes stay tight. Other data sets
+    have boxes only: a box becomes the extent of its warped corners, looser than the object.
+    """
+
+    rotation: float = field(default=0.0, metadata={
+        "help": "augmentation: largest random rotation in degrees (0 = off)"})
+    shear: float = field(default=0.0, metadata={
+        "help": "augmentation: largest random shear factor, both directions (0 = off)"})
+    elastic_alpha: float = field(default=0.0, metadata={
+        "help": "augmentation: strength in pixels of a random elastic warp (Simard et al. 2003; "
+                "0 = off; its smoothness is a Gaussian of sigma 4 px)"})
+
+
+def geometry_augmentation(config):
+    """Whether ``config`` asks for any geometric augmentation (False for scripts without them)."""
+    return any(getattr(config, name, 0.0) for name in ("rotation", "shear", "elastic_alpha"))
+
+
+def _has_instance_masks(config):
+    return config.dataset == "shapes"
+
+
 def check_detection_config(config):
     """ValueErrors naming the flag, before any data is loaded."""
     if config.image_size < 64 or config.image_size % 32:
@@ -70,6 +100,12 @@ def check_detection_config(config):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
     if config.eval_every < 0:
         raise ValueError(f"--eval-every must be >= 0, got {config.eval_every}")
+    if not 0.0 <= getattr(config, "rotation", 0.0) <= 180.0:
+        raise ValueError(f"--rotation must be in [0, 180] degrees, got {config.rotation}")
+    if not 0.0 <= getattr(config, "shear", 0.0) < 1.0:
+        raise ValueError(f"--shear must be in [0, 1), got {config.shear}")
+    if getattr(config, "elastic_alpha", 0.0) < 0.0:
+        raise ValueError(f"--elastic-alpha must be >= 0 (0 = off), got {config.elastic_alpha}")
     if config.backbone_weights and not Path(config.backbone_weights).is_file():
         raise ValueError(f"--backbone-weights: no file {config.backbone_weights!r} (expected the "
                          f"model.keras that ch04_classification/train_classifier.py writes)")
@@ -83,8 +119,10 @@ def backbone_options(config):
 # ----------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------
-def load_split(config, split, num_examples):
+def load_split(config, split, num_examples, with_masks=False):
     options = {"image_size": config.image_size, "seed": config.seed}
+    if with_masks:  # instance masks [N, H, W] (Mask R-CNN, ch06_segmentation/train_mask_rcnn.py)
+        options["with_masks"] = True
     if num_examples:
         options["num_examples"] = num_examples
     if config.data_dir:
@@ -106,10 +144,14 @@ def _to_float(example):
     return example
 
 
-def make_datasets(config):
-    """(training examples cached as uint8, their count, list of validation examples as NumPy)."""
+def make_datasets(config, with_masks=False):
+    """(training examples cached as uint8, their count, list of validation examples as NumPy);
+    ``with_masks``: with the instance masks."""
     # 4000 x 128² x 3 floats would be ~800 MB: cache the generated scenes as uint8.
-    train = load_split(config, "train", config.num_train_examples).map(_to_uint8).cache()
+    # The geometric augmentations recompute boxes from the warped instance masks where there are.
+    train_masks = with_masks or (geometry_augmentation(config) and _has_instance_masks(config))
+    train = load_split(config, "train", config.num_train_examples,
+                       train_masks).map(_to_uint8).cache()
     progress = keras.utils.Progbar(config.num_train_examples or None, unit_name="image")
     count = 0
     for count, _ in enumerate(train, start=1):  # fills the cache once, with progress
@@ -117,7 +159,8 @@ def make_datasets(config):
             progress.update(count)
     progress.update(count, finalize=True)
     val_examples = [{k: v.numpy() for k, v in example.items()}
-                    for example in load_split(config, "validation", config.num_val_examples)]
+                    for example in load_split(config, "validation", config.num_val_examples,
+                                              with_masks)]
     return train, count, val_examples
 
 
@@ -129,12 +172,31 @@ def training_boxes(train):
             else np.zeros((0, 4), np.float32))
 
 
-def train_batches(config, train, first_epoch, epochs):
-    """Padded batches for epochs [first_epoch, epochs), each epoch's order fixed by (seed, epoch)."""
-    return training.epoch_batches(
-        train, config.batch_size, first_epoch, epochs, seed=config.seed, shuffle_buffer=2048,
-        batch_fn=lambda examples, epoch: common_data.batch_detection(
-            examples.map(_to_float), config.batch_size, config.max_boxes, drop_remainder=True))
+def train_batches(config, train, first_epoch, epochs, with_masks=False):
+    """Padded batches for epochs [first_epoch, epochs), each epoch's order fixed by (seed, epoch)
+    (``with_masks``: with ``masks`` [batch, max_boxes, H, W])."""
+    cached_masks = "masks" in train.element_spec
+    augmenter = None
+    if geometry_augmentation(config):
+        augmenter = augment.make_augmenter(
+            "detection", flip_left_right=0.0, rotation=config.rotation, shear=config.shear,
+            elastic_alpha=config.elastic_alpha, scale_range=None, vgg_scale_range=None,
+            brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+
+    def batches(examples, epoch):
+        batched = common_data.batch_detection(
+            examples.map(_to_float), config.batch_size, config.max_boxes, drop_remainder=True,
+            with_masks=cached_masks)
+        if augmenter is not None:
+            # Seeded by (seed, epoch, batch): a resumed run sees the same warps.
+            batched = augment.augment_dataset(batched, augmenter,
+                                              seed=config.seed * 1000 + epoch)
+        if cached_masks and not with_masks:  # loaded only to keep the warped boxes tight
+            batched = batched.map(lambda batch: {k: v for k, v in batch.items() if k != "masks"})
+        return batched
+
+    return training.epoch_batches(train, config.batch_size, first_epoch, epochs, seed=config.seed,
+                                  shuffle_buffer=2048, batch_fn=batches)
 
 
 def steps_per_epoch(config, num_train):

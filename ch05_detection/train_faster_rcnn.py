@@ -49,7 +49,7 @@ SHARED_STAGES = ("rpn_finetune", "detector_finetune")  # steps 3 and 4: one back
 
 
 @dataclass
-class Config(detection_run.DetectionConfig):
+class Config(detection_run.GeometryAugmentOptions, detection_run.DetectionConfig):
     """Train Faster R-CNN (Ren et al. 2015) and evaluate it on the validation split."""
 
     output_stride: int = field(default=8, metadata={"help": "backbone stride", "choices": (8, 16)})

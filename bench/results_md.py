@@ -1,0 +1,28 @@
+"""bench/RESULTS.md, one "## " section per benchmark: ``replace_section`` rewrites one in place.
+
+The bench scripts import it as ``results_md`` (``python bench/bench_x.py`` puts ``bench/`` on the
+import path).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def replace_section(section: str, path: Path = RESULTS) -> str:
+    """Put ``section`` (its first line is its "## title") in ``path``, replacing the section of that
+    title up to the next "## " heading, or appending it; returns ``section``."""
+    title = section.splitlines()[0]
+    if not title.startswith("## "):
+        raise ValueError(f"a section starts with its '## ' title line, got {title!r}")
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text).rstrip("\n") + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    path.write_text(text)
+    return section
