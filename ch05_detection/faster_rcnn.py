@@ -271,7 +271,7 @@ class FasterRCNN(Detector):
         # and a summary all see the same variables. (Before choosing the stage: a
         # variable created while its layer is frozen is never watched by GradientTape.)
         self.training_stage = _SCHEDULE_STAGES[config.schedule][0]
-        self(tf.zeros((1, height, width, 3)), training=False)
+        self.build_weights()  # (a subclass adding layers creates them there: Mask R-CNN)
         self.set_training_stage(training_stage or self.training_stage)
 
     # ------------------------------------------------------------------ stages
@@ -405,15 +405,14 @@ class FasterRCNN(Detector):
             max_detections=self.config.max_detections)
 
     # ------------------------------------------------------------------ training
-    def losses_for(self, images, gt_boxes, gt_classes, training, step):
+    def losses_for(self, images, gt_boxes, gt_classes, training, step, **extra):
         """The losses of the current stage: ``loss`` (the total), ``rpn_class_loss``,
         ``rpn_box_loss``, ``head_class_loss``, ``head_box_loss`` (0 for those the stage does
-        not use)."""
+        not use), and those of ``roi_losses`` (``extra``: the subclass's ``extra_inputs``)."""
         config, stage = self.config, _STAGES[self.training_stage]
         index = targets.global_image_index(tf.shape(images)[0])
         zero = tf.constant(0.0)
-        losses = {"rpn_class_loss": zero, "rpn_box_loss": zero, "head_class_loss": zero,
-                  "head_box_loss": zero}
+        losses = {name: zero for name in self.LOSS_NAMES if name != "loss"}
         rpn_map = self.rpn_features(images, training=training)
         logits, deltas = self.rpn_head(rpn_map)  # [batch, A], [batch, A, 4]
         if stage.rpn_loss:
@@ -442,9 +441,16 @@ class FasterRCNN(Detector):
             class_logits, box_deltas = self.detection_head(pooled, training=training)
             losses["head_class_loss"], losses["head_box_loss"] = detection_head.detection_loss(
                 class_logits, box_deltas, sample["class_targets"], sample["box_targets"])
-        losses["loss"] = (losses["rpn_class_loss"] + losses["rpn_box_loss"]
-                          + losses["head_class_loss"] + losses["head_box_loss"])
+            losses.update(self.roi_losses(detector_map, sample, gt_boxes, gt_classes,
+                                          training=training, **extra))
+        losses["loss"] = sum(losses[name] for name in self.LOSS_NAMES if name != "loss")
         return losses
+
+    def roi_losses(self, feature_map, sample, gt_boxes, gt_classes, training=False, **extra):
+        """Losses of further heads on the sampled RoIs (``sample``: ``detection_head.sample_rois``'s
+        dict), added to the total: Mask R-CNN's mask branch (``ch06_segmentation/mask_rcnn.py``).
+        None here."""
+        return {}
 
     # ------------------------------------------------------------------ saving
     def get_config(self):

@@ -731,7 +731,45 @@ def _normalize_box(ymin, xmin, ymax, xmax, height, width, path, bad, what):
     return clipped.astype(np.float32)  # partly outside: clipped to the image
 
 
-def _coco_index(root, split, bad):
+def _check_segmentation(segmentation, height, width):
+    """None if a COCO ``segmentation`` is usable for an image of ``height`` x ``width``, else
+    the reason: polygons ``[[x1, y1, x2, y2, ...], ...]`` (at least 3 points each) or RLE
+    ``{"size": [height, width], "counts": [...] or "..."}`` of the image's size."""
+    if isinstance(segmentation, list):
+        if not segmentation or not all(
+                isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
+                and all(isinstance(v, (int, float)) for v in polygon) for polygon in segmentation):
+            return ("'segmentation' polygons must be lists [x1, y1, x2, y2, ...] of at least 3 "
+                    "points")
+        return None
+    if isinstance(segmentation, dict) and {"size", "counts"} <= set(segmentation):
+        size = segmentation["size"]
+        if not (isinstance(size, list) and len(size) == 2) or [int(v) for v in size] != [
+                height, width]:
+            return f"RLE 'size' {size} is not the image's [height, width] [{height}, {width}]"
+        if not isinstance(segmentation["counts"], (list, str)):
+            return "RLE 'counts' must be a list of run lengths or a compressed string"
+        return None
+    return ("'segmentation' must be polygons (a list of [x1, y1, ...] lists) or RLE "
+            "({'size': [h, w], 'counts': ...})")
+
+
+def decode_coco_segmentation(segmentation, height, width):
+    """One COCO ``segmentation`` (polygons, uncompressed or compressed RLE) -> uint8 mask
+    ``[height, width]`` of 0/1, with ``pycocotools.mask`` (polygons are rasterised by its
+    ``frPyObjects``; several polygons of one object are merged)."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):  # polygons
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:  # compressed RLE, counts as str
+        rle = {"size": list(segmentation["size"]), "counts": segmentation["counts"].encode("ascii")}
+    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+
+
+def _coco_index(root, split, bad, with_masks=False):
     json_path, use_hash = _coco_json_for_split(root, split)
     with open(json_path) as handle:
         content = json.load(handle)
@@ -755,7 +793,7 @@ def _coco_index(root, split, bad):
         if shape is None:
             continue
         height, width = shape
-        boxes, classes = [], []
+        boxes, classes, segmentations = [], [], []
         for annotation in annotations_of_image.get(image_entry["id"], []):
             if annotation.get("iscrowd", 0):
                 continue  # crowd regions are ignored, as in the COCO evaluation
@@ -763,14 +801,25 @@ def _coco_index(root, split, bad):
                 bad(path, f"annotation {annotation.get('id')} has unknown category_id "
                           f"{annotation['category_id']}")
                 continue
+            if with_masks:  # the object needs its mask: without one it is skipped whole
+                problem = ("no 'segmentation'" if "segmentation" not in annotation else
+                           _check_segmentation(annotation["segmentation"], height, width))
+                if problem is not None:
+                    bad(path, f"annotation {annotation.get('id')} in {json_path.name}: {problem}")
+                    continue
             x, y, box_width, box_height = (float(v) for v in annotation["bbox"])  # xywh pixels
             box = _normalize_box(y, x, y + box_height, x + box_width, height, width, path, bad,
                                  f"annotation {annotation.get('id')}")
             if box is not None:
                 boxes.append(box)
                 classes.append(class_of_category[annotation["category_id"]])
-        records.append({"path": path, "boxes": np.reshape(np.array(boxes, np.float32), (-1, 4)),
-                        "classes": np.array(classes, np.int32)})
+                if with_masks:
+                    segmentations.append(annotation["segmentation"])
+        record = {"path": path, "boxes": np.reshape(np.array(boxes, np.float32), (-1, 4)),
+                  "classes": np.array(classes, np.int32)}
+        if with_masks:
+            record.update(segmentations=segmentations, height=height, width=width)
+        records.append(record)
     return class_names, records
 
 
@@ -1124,13 +1173,17 @@ def _load_folder(root, split, task, image_size, num_examples, with_masks, channe
                  keep_difficult, strict):
     kind = _folder_kind(root, task)
     bad = _BadData(strict)
-    if with_masks:
-        raise ValueError("with_masks=True is only available for 'shapes'; own data sets "
-                         "load boxes (detection) or one semantic mask (segmentation)")
+    if with_masks and kind == "voc":
+        raise ValueError(f"with_masks=True: {root} is a Pascal VOC folder (Annotations/*.xml), "
+                         "which has boxes only, no instance masks; use a COCO JSON folder whose "
+                         "annotations have 'segmentation' (polygons or RLE), or 'shapes'")
+    if with_masks and kind != "coco":
+        raise ValueError(f"with_masks=True: {root} is a {kind} folder; instance masks are read "
+                         "from COCO JSON folders (annotations with 'segmentation') and 'shapes'")
     if kind == "classification":
         _, records = _classification_index(root, split, bad)
     elif kind == "coco":
-        _, records = _coco_index(root, split, bad)
+        _, records = _coco_index(root, split, bad, with_masks)
     elif kind == "voc":
         _, records = _voc_index(root, split, bad, keep_difficult)
     else:
@@ -1150,6 +1203,8 @@ def _load_folder(root, split, task, image_size, num_examples, with_masks, channe
     else:
         signature = {"image": image_spec, "boxes": tf.TensorSpec([None, 4], tf.float32),
                      "classes": tf.TensorSpec([None], tf.int32)}
+        if with_masks:
+            signature["masks"] = tf.TensorSpec([None, None, None], tf.uint8)
 
     def generate():
         for record in records:
@@ -1166,6 +1221,12 @@ def _load_folder(root, split, task, image_size, num_examples, with_masks, channe
                                                example["image"].shape[:2])
             else:
                 example["boxes"], example["classes"] = record["boxes"], record["classes"]
+                if with_masks:  # [N, H, W] 0/1, one per box
+                    height, width = record["height"], record["width"]
+                    masks = [decode_coco_segmentation(s, height, width)
+                             for s in record["segmentations"]]
+                    example["masks"] = (np.stack(masks) if masks
+                                        else np.zeros((0, height, width), np.uint8))
             yield example
 
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
@@ -1326,7 +1387,10 @@ def load(name, split="train", *, image_size=None, num_examples=None, seed=0, dat
         oxford_iiit_pet gives (default classification), what kind of own
         folder to read, and redirects "shapes" to its classification /
         segmentation variants.
-      with_masks: "shapes" only: add instance masks uint8 [N, H, W].
+      with_masks: add instance masks uint8 [N, H, W] (0/1, one per box): "shapes", and
+        COCO JSON folders (each annotation's 'segmentation', polygons or RLE, decoded with
+        pycocotools; an annotation without one is skipped as bad data). Pascal VOC (tfds
+        or a folder) has no instance masks: a ValueError says so.
       channels: None or 3 -> RGB; 1 -> grayscale [H, W, 1].
       keep_difficult: voc/2007 and VOC folders: keep boxes marked difficult
         (dropped by default, like the VOC evaluation).
@@ -1354,8 +1418,13 @@ def load(name, split="train", *, image_size=None, num_examples=None, seed=0, dat
             if with_masks and name != "shapes":
                 raise ValueError(f"with_masks=True needs name='shapes', got {name!r}")
             return _load_shapes(name, split, image_size, num_examples, seed, with_masks, channels)
+        if with_masks and name == "voc/2007":
+            raise ValueError("with_masks=True: 'voc/2007' (Pascal VOC detection in "
+                             "tensorflow-datasets) has boxes only, no instance masks; use "
+                             "'shapes' or a COCO JSON folder with 'segmentation' annotations")
         if with_masks:
-            raise ValueError(f"with_masks=True: only 'shapes' has instance masks, got {name!r}")
+            raise ValueError(f"with_masks=True: {name!r} has no instance masks here; use 'shapes' "
+                             "or a COCO JSON folder with 'segmentation' annotations")
         if name == "digits":
             _check_task(task, ("classification",), name)
             return _load_digits(split, image_size, num_examples, channels)
