@@ -7,10 +7,11 @@ bottom-up, by colour, texture, size and fill, and returns the box of every group
 thousand class-agnostic regions per 500-pixel image that cover almost every object. OpenCV's
 ``cv2.ximgproc.segmentation`` implements it; its "fast" mode (2 colour spaces, 2 segmentation
 scales, 2 similarity mixes) is the setting R-CNN used. On our 128-pixel ``shapes`` scenes it takes
-about 70 ms of one CPU core per image; ``selective_search`` drops regions under ``min_size``
-pixels (4), removes duplicates and keeps at most ``max_proposals`` (300 by default): about 80
-regions per image are left (at most ~200, so at 128 px the cap almost never binds), and on the
-first 100 validation images they cover every ground-truth box at IoU 0.5 and 99% at IoU 0.7.
+60-90 ms of one CPU core per image; ``selective_search`` drops regions under ``min_size``
+pixels (4), removes duplicates and keeps at most ``max_proposals`` (300 by default): 77 regions
+per validation image are left on average (at most ~200, so at 128 px the cap almost never binds),
+and on the 500 validation images they cover 99.9% of the ground-truth boxes at IoU 0.5 and 99.7%
+at IoU 0.7.
 OpenCV ranks the regions with a random factor it does not let Python seed (sec. 3.3 of the
 paper: rank = level x random), so we sort them by area, largest first: the proposals are then a
 pure function of the image, which is what lets ``ProposalCache`` store them once per image.
@@ -25,7 +26,9 @@ pure function of the image, which is what lets ``ProposalCache`` store them once
 2. a chapter-4 CNN is fine-tuned on warped regions, K + 1 classes: IoU >= 0.5 with a
    ground-truth box is that box's class, everything else background, in batches of 32 positive
    and 96 background regions (sec. 2.3; ``RCNN.losses_for`` samples ``regions_per_image`` per
-   image, a quarter positive: 16 images x 8 regions = 128);
+   image, ``foreground_fraction`` a quarter positive: 16 images x 8 regions = 128). The paper
+   over-samples positives because they are rare among VOC's regions; a third of a ``shapes``
+   scene's regions are positive, and ``train_rcnn.py`` takes half (it learns the classes faster);
 3. the fine-tuned CNN's penultimate features (global-average-pooled) are extracted for every
    region (``region_table``);
 4. one linear SVM per class (``train_svms``, scikit-learn's ``LinearSVC``) separates the
@@ -88,6 +91,8 @@ PAPER_CONTEXT_PIXELS = 16.0
 # R-CNN's released code scales the features to an average L2 norm of 20 before the SVMs.
 SVM_FEATURE_NORM = 20.0
 SCORERS = ("svm", "softmax")
+# Bins of the SVM-score histograms ``train_svms`` keeps per round (scores clipped into them).
+SVM_SCORE_BINS = np.linspace(-4.0, 4.0, 33)
 ROI_OPS = ("pool", "align")
 
 
@@ -586,21 +591,35 @@ class RCNN(ProposalDetector):
                 "class_logits": self.region_classifier(features),
                 "svm_scores": self.svm(scaled), "box_deltas": box_deltas}
 
-    def region_scores(self, outputs):
+    def region_scores(self, outputs, scorer=None):
         """Per-class scores in [0, 1] of every region: ``[B, P, K]`` (sigmoid of the SVM scores,
-        or the fine-tuned softmax without the background column)."""
-        if self.config.scorer == "svm":
+        or the fine-tuned softmax without the background column). ``scorer`` overrides the
+        config's (``"svm"`` / ``"softmax"``), for appendix B's comparison on one set of outputs."""
+        scorer = self.config.scorer if scorer is None else scorer
+        if scorer not in SCORERS:
+            raise ValueError(f"`scorer` must be one of {SCORERS}, got {scorer!r}")
+        if scorer == "svm":
             return tf.sigmoid(outputs["svm_scores"])
         return tf.nn.softmax(outputs["class_logits"], axis=-1)[..., 1:]
 
-    def decode(self, outputs):
-        """Box regression of every region for every class, then class-wise NMS (sec. 2.2)."""
+    def regressed_boxes(self, outputs, box_regression=True):
+        """Every region moved by every class's regressor: ``[B, P, K, 4]`` (clipped); with
+        ``box_regression=False`` the regions themselves, repeated for each class."""
+        proposals = outputs["proposals"]
+        if not box_regression:
+            return tf.tile(proposals[:, :, None, :], [1, 1, self.num_classes, 1])
+        return box_ops.clip_boxes(box_ops.decode_boxes(
+            outputs["box_deltas"], proposals[:, :, None, :],
+            weights=detection_head.HEAD_BOX_WEIGHTS))
+
+    def decode(self, outputs, scorer=None, box_regression=True):
+        """Box regression of every region for every class, then class-wise NMS (sec. 2.2).
+        ``scorer`` / ``box_regression=False``: the ablations (appendix B, sec. 3.4 / appendix C)
+        on outputs computed once."""
         proposals = outputs["proposals"]
         valid = self._valid(proposals, outputs["num_proposals"])
-        boxes = box_ops.clip_boxes(box_ops.decode_boxes(
-            outputs["box_deltas"], proposals[:, :, None, :],
-            weights=detection_head.HEAD_BOX_WEIGHTS))  # [B, P, K, 4]
-        scores = tf.where(valid[..., None], self.region_scores(outputs), 0.0)
+        boxes = self.regressed_boxes(outputs, box_regression)  # [B, P, K, 4]
+        scores = tf.where(valid[..., None], self.region_scores(outputs, scorer), 0.0)
         return select_detections(boxes, scores, score_threshold=self.config.score_threshold,
                                  iou_threshold=self.config.detection_nms_iou,
                                  max_detections=self.config.max_detections)
@@ -733,7 +752,8 @@ def train_svms(features, positives, negatives, rounds=3, C=1e-3, positive_weight
     Returns:
         ``(weights [D, K], bias [K], history)``; ``history`` has, per round, ``false_positives``
         (per class: negatives scoring > 0 among *all* negatives), ``cache`` (negatives trained
-        on) and ``hard_added`` (per class).
+        on), ``hard_added`` (per class) and ``negative_histogram`` / ``positive_histogram`` (per
+        class: counts of the scores of all negatives / positives in ``SVM_SCORE_BINS``, clipped).
     """
     import warnings
 
@@ -746,8 +766,12 @@ def train_svms(features, positives, negatives, rounds=3, C=1e-3, positive_weight
     rng = np.random.default_rng(seed)
     weights = np.zeros((features.shape[1], num_classes), np.float32)
     bias = np.full((num_classes,), -1.0, np.float32)  # a class without data never fires
+    empty = [0] * (len(SVM_SCORE_BINS) - 1)
     history = [{"false_positives": [0] * num_classes, "cache": [0] * num_classes,
-                "hard_added": [0] * num_classes} for _ in range(int(rounds))]
+                "hard_added": [0] * num_classes,
+                "negative_histogram": [list(empty) for _ in range(num_classes)],
+                "positive_histogram": [list(empty) for _ in range(num_classes)]}
+               for _ in range(int(rounds))]
     for k in range(num_classes):
         positive_rows = np.flatnonzero(positives[:, k])
         negative_rows = np.flatnonzero(negatives[:, k])
@@ -770,6 +794,11 @@ def train_svms(features, positives, negatives, rounds=3, C=1e-3, positive_weight
             record = history[round_index]
             record["false_positives"][k] = int(np.sum(scores > 0))
             record["cache"][k] = int(in_cache.sum())
+            for key, values in (("negative_histogram", scores),
+                                ("positive_histogram",
+                                 features[positive_rows] @ weights[:, k] + bias[k])):
+                clipped = np.clip(values, SVM_SCORE_BINS[0], SVM_SCORE_BINS[-1])
+                record[key][k] = np.histogram(clipped, SVM_SCORE_BINS)[0].astype(int).tolist()
             if round_index + 1 < int(rounds):
                 hard = select_hard_negatives(scores, in_cache, hard_negatives_per_round)
                 in_cache[hard] = True

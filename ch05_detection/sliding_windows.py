@@ -22,8 +22,11 @@ whose corner is at ``(i, j) * NETWORK_STRIDE`` pixels. Scales are done by resizi
 a window of ``s`` pixels becomes ``WINDOW_SIZE`` pixels in the image resized by
 ``WINDOW_SIZE / s``, and both modes read that same resized image.
 
-Windows are square, so a box can only be as good as the nearest window: the mAP is low and the
-lesson is the time, ``time_detection`` (both timings) and ``bench/bench_sliding_windows.py``.
+Windows are square and on a fixed grid, so a box can only be as good as the nearest window: on
+``shapes`` (``train_rcnn.py --variant sliding_windows``) the objects are found (mAP@0.5 0.85) but
+placed badly (mAP@[.5:.95] 0.31, against 0.78 for R-CNN's regressed regions). The lesson is the
+time: ``time_detection`` (both timings) and ``bench/bench_sliding_windows.py`` (the convolutional
+form is 10-13x faster for the 2,127 windows of a 128-pixel image on a 2-core CPU).
 
 Try it::
 
@@ -416,3 +419,85 @@ def time_detection(detector, images, repeats=1):
     return {"loop_seconds_per_image": seconds["loop"], "conv_seconds_per_image": seconds["conv"],
             "speedup": seconds["loop"] / max(seconds["conv"], 1e-12),
             "windows_per_image": detector.windows_per_image}
+
+
+# ----------------------------------------------------------------------------------
+# pictures (for the notebook)
+# ----------------------------------------------------------------------------------
+def draw_windows(image, window_sizes=(24, 64), every=4, save_path=None):
+    """The windows of two (or more) scales on one image: one panel per window side, every
+    ``every``-th window position along each axis drawn (all of them would fill the image), the
+    first window in red and the number of windows in the title.
+
+    Args: image ``[H, W, 3]`` in [0, 1]; window_sizes: sides in pixels of that image.
+    Returns: the matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+
+    from common import viz
+
+    image = np.asarray(image)
+    size = int(image.shape[0])
+    plan = scale_plan(size, window_sizes)
+    figure, axes = plt.subplots(1, len(plan), figsize=(3.0 * len(plan), 3.2), squeeze=False)
+    for ax, (side, resized, count) in zip(axes[0], plan):
+        boxes = window_grid_boxes(resized, count)  # [n, n, 4]
+        ax.imshow(np.clip(image, 0, 1))
+        viz.draw_boxes(ax, boxes[::every, ::every].reshape(-1, 4), color="yellow", linewidth=0.6,
+                       show_labels=False)
+        viz.draw_boxes(ax, boxes[0, 0], color="red", linewidth=1.5, show_labels=False)
+        ax.set_title(f"{side}-px windows: {count} x {count} = {count * count}\n"
+                     f"(stride {NETWORK_STRIDE * side / WINDOW_SIZE:g} px; every {every}th drawn)",
+                     fontsize=8)
+        ax.axis("off")
+    figure.tight_layout()
+    if save_path:
+        viz.save_figure(figure, save_path)
+    return figure
+
+
+def draw_score_maps(detector, image, window_side=None, class_index=None, save_path=None):
+    """The score map of one scale computed per window and convolutionally, side by side, with
+    their absolute difference (zero up to float rounding).
+
+    Args:
+        detector: a ``SlidingWindowDetector``; image ``[H, W, 3]``.
+        window_side: which scale (default: the detector's second, a mid-sized window).
+        class_index: which class's probability map (0-based; default: the largest foreground
+            probability of any class at each window).
+    Returns: the matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+
+    from common import viz
+
+    sides = [side for side, _, _ in detector.plan]
+    window_side = sides[min(1, len(sides) - 1)] if window_side is None else int(window_side)
+    if window_side not in sides:
+        raise ValueError(f"`window_side` must be one of {sides}, got {window_side}")
+    maps = {mode: detector.score_maps(image, mode=mode)[window_side] for mode in MODES}
+
+    def foreground(scores):  # [n, n, K + 1] -> [n, n]
+        return scores[..., 1:].max(-1) if class_index is None else scores[..., int(class_index) + 1]
+
+    loop, conv = foreground(maps["loop"]), foreground(maps["conv"])
+    what = ("best class" if class_index is None
+            else detector.class_names[int(class_index)])
+    figure, axes = plt.subplots(1, 4, figsize=(12.0, 3.2))
+    axes[0].imshow(np.clip(np.asarray(image), 0, 1))
+    axes[0].set_title("image", fontsize=8)
+    for ax, values, title in ((axes[1], loop, "per window (crop + classify)"),
+                              (axes[2], conv, "convolutional (one pass)")):
+        shown = ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"{title}\n{window_side}-px windows, P({what})", fontsize=8)
+        figure.colorbar(shown, ax=ax, fraction=0.046)
+    difference = np.abs(loop - conv)
+    shown = axes[3].imshow(difference, cmap="magma")
+    axes[3].set_title(f"|difference|, largest {difference.max():.1e}", fontsize=8)
+    figure.colorbar(shown, ax=axes[3], fraction=0.046)
+    for ax in axes:
+        ax.axis("off")
+    figure.tight_layout()
+    if save_path:
+        viz.save_figure(figure, save_path)
+    return figure

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from ch05_detection import boxes as box_ops
-from ch05_detection import detection_head, rcnn, train_rcnn
+from ch05_detection import detection_head, rcnn, rcnn_figures, train_rcnn
 from common import data as common_data
 
 SIZE = 64
@@ -163,6 +163,13 @@ def test_hard_negative_mining_removes_the_false_positives():
     assert 15 <= added <= 20 and history[1]["cache"][0] == 30 + added
     scores = features @ weights[:, 0] + bias[0]
     assert (scores[:50] > 0).all() and (scores[50:] < 0).all()
+    # The score histograms count every negative / positive, and the negatives above 0 are the
+    # false positives (0 is a bin edge).
+    upper = rcnn.SVM_SCORE_BINS[1:] > 0
+    for record in history:
+        negatives = np.asarray(record["negative_histogram"][0])
+        assert negatives.sum() == 2020 and sum(record["positive_histogram"][0]) == 50
+        assert negatives[upper].sum() == record["false_positives"][0]
 
 
 def test_box_regression_targets_are_encode_boxes():
@@ -260,6 +267,36 @@ def test_fit_on_a_fixed_batch_reduces_the_loss(kind, batch):
     assert after < 0.7 * before, (before, after)
 
 
+def test_decode_ablations_by_hand(batch):
+    """``decode(scorer=..., box_regression=False)``: the softmax without its background column,
+    and the regions themselves, checked against NumPy."""
+    model = build("rcnn")
+    rng = np.random.default_rng(1)
+    model.set_svms(rng.normal(size=(64, 5)), rng.normal(size=5), 3.0)
+    model.set_box_regressors(0.05 * rng.normal(size=(64, 20)), 0.1 * np.ones(20))
+    outputs = model(batch["image"], proposals=batch["proposals"],
+                    num_proposals=batch["num_proposals"])
+    logits = outputs["class_logits"].numpy().astype(np.float64)
+    softmax = np.exp(logits - logits.max(-1, keepdims=True))
+    softmax /= softmax.sum(-1, keepdims=True)
+    np.testing.assert_allclose(model.region_scores(outputs, "softmax").numpy(), softmax[..., 1:],
+                               atol=1e-6)
+    np.testing.assert_allclose(model.region_scores(outputs, "svm").numpy(),
+                               1 / (1 + np.exp(-outputs["svm_scores"].numpy())), atol=1e-6)
+    fixed = model.regressed_boxes(outputs, box_regression=False).numpy()
+    np.testing.assert_array_equal(fixed, np.repeat(batch["proposals"].numpy()[:, :, None], 5, 2))
+    moved = model.regressed_boxes(outputs).numpy()
+    assert np.abs(moved - fixed).max() > 1e-3  # the regressors move the regions
+    # Without regression every detection is one of the image's proposals.
+    detections = model.decode(outputs, scorer="softmax", box_regression=False)
+    for b in range(4):
+        n = int(detections["num_detections"][b])
+        iou = box_ops.pairwise_iou(detections["boxes"][b, :n], batch["proposals"][b]).numpy()
+        assert n == 0 or np.allclose(iou.max(axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="scorer"):
+        model.region_scores(outputs, "boosting")
+
+
 def test_configs_refuse_bad_options():
     with pytest.raises(ValueError, match="region_size"):
         rcnn.RCNN(5, region_size=16, **SMALL)
@@ -280,6 +317,15 @@ def test_help_lists_the_variants(capsys):
     assert stop.value.code == 0
     text = capsys.readouterr().out
     assert "--variant" in text and "fast_rcnn" in text and "--proposal-cache" in text
+    assert "sliding_windows" in text and "--foreground-fraction" in text
+
+
+def test_bad_options_are_refused_with_the_flag(capsys, tmp_path):
+    for flag, value in (("--foreground-fraction", "0"), ("--region-size", "16")):
+        with pytest.raises(SystemExit):
+            train_rcnn.main(["--variant", "rcnn", "--fast", "--out", str(tmp_path / "run"),
+                             flag, value])
+        assert flag in capsys.readouterr().err
 
 
 def test_fast_runs_of_both_variants(tmp_path):
@@ -303,5 +349,34 @@ def test_fast_runs_of_both_variants(tmp_path):
     assert len(saved.get("svm_false_positives_per_round", [])) == 0  # fast_rcnn has no SVMs
     rcnn_metrics = json.loads((tmp_path / "rcnn" / "metrics.json").read_text())
     assert len(rcnn_metrics["svm_false_positives_per_round"]) == 3
+    # The ablation decodes outputs computed on the cached proposals; the evaluation ran
+    # selective search inside detect: the same regions, so the SVM row is the headline number.
+    ablations = rcnn_metrics["ablations"]
+    assert set(ablations) == {"svm", "softmax", "svm_without_box_regression",
+                              "softmax_without_box_regression"}
+    assert ablations["svm"]["val_map50"] == pytest.approx(rcnn_metrics["val_map50"], abs=1e-4)
     # The second variant read every proposal from the cache the first one wrote.
     assert searched["rcnn"] == 24 and searched["fast_rcnn"] == 0
+
+
+def test_drawing_helpers_run(batch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = batch["image"][0].numpy()
+    figure = rcnn_figures.draw_region_filtering(image, max_proposals=10, gt_boxes=batch["boxes"][0])
+    assert figure.axes[1].get_title() == "after filtering: 10"
+    rcnn_figures.draw_warped_regions(image, batch["proposals"][0][:3], region_size=32)
+    _, _, history = rcnn.train_svms(np.eye(4, dtype=np.float32).repeat(5, 0),
+                                    np.arange(20)[:, None] < 5, np.arange(20)[:, None] >= 5,
+                                    rounds=2, initial_negatives=5, hard_negatives_per_round=5)
+    record = {"svm_score_bins": rcnn.SVM_SCORE_BINS.tolist(),
+              "svm_negative_score_histograms": [r["negative_histogram"] for r in history],
+              "svm_positive_score_histograms": [r["positive_histogram"] for r in history]}
+    assert len(rcnn_figures.draw_svm_scores(record, 0).axes) == 2
+    model = build("rcnn")
+    example = {"image": image, "boxes": batch["boxes"][0].numpy()[:1]}
+    rcnn_figures.draw_box_regression(model, example, batch["proposals"][0][:5].numpy(), count=3)
+    plt.close("all")

@@ -124,3 +124,42 @@ def test_time_detection_returns_both_timings():
     assert timing["speedup"] == pytest.approx(
         timing["loop_seconds_per_image"] / timing["conv_seconds_per_image"])
     assert timing["windows_per_image"] == 14 * 14 + 9 * 9 + 3 * 3
+
+
+def test_drawing_helpers_run():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    detector = sw.SlidingWindowDetector(classifier(5), image_size=IMAGE_SIZE,
+                                        window_sizes=WINDOW_SIZES)
+    image = scene(5)["image"]
+    figure = sw.draw_windows(image, window_sizes=(24, 48))
+    assert len(figure.axes) == 2
+    figure = sw.draw_score_maps(detector, image, window_side=32, class_index=2)
+    assert "largest" in figure.axes[3].get_title()  # the difference panel
+    plt.close("all")
+    with pytest.raises(ValueError, match="window_side"):
+        sw.draw_score_maps(detector, image, window_side=40)
+
+
+def test_fast_run_of_the_sliding_windows_variant(tmp_path):
+    """train_rcnn.py --variant sliding_windows: same data and evaluation as the detectors, both
+    timings, and the window grid's recall."""
+    import json
+
+    from ch05_detection import train_rcnn
+
+    out = tmp_path / "sliding"
+    train_rcnn.main(["--variant", "sliding_windows", "--fast", "--out", str(out)])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["val_map50"] == pytest.approx(saved["val_pycocotools_map50"], abs=1e-6)
+    assert saved["seconds_per_image_loop"] > 0 and saved["seconds_per_image_conv"] > 0
+    assert saved["max_score_map_difference"] < TOLERANCE
+    # FAST is 64 px: window sides 12, 16, 24, 32 -> 35, 25, 14 and 9 positions per side.
+    assert saved["window_sizes"] == [12, 16, 24, 32]
+    assert saved["windows_per_image"] == 35 ** 2 + 25 ** 2 + 14 ** 2 + 9 ** 2
+    assert 0 <= saved["proposal_recall_70"] <= saved["proposal_recall_50"] <= 1
+    for name in ("detections.png", "window_classifier.keras", "val_detections.json"):
+        assert (out / name).exists(), name

@@ -33,6 +33,20 @@ DETECTOR_ROWS = (
     ("train_detector_retinanet_ce", "RetinaNet (cross-entropy)",
      "train_detector.py --model retinanet --classification-loss cross_entropy"),
     ("train_detector_centernet", "CenterNet", "train_detector.py --model centernet"),
+    ("train_detector_detr", "DETR", "train_detector.py --model detr"),
+)
+# The detection lineage of chapter 5 (issue 10): (record name, method shown, how it was run, the
+# record's key of its inference seconds per image). Both sliding-window rows come from one run:
+# the same weights, the same detections, timed per window and convolutionally.
+LINEAGE_ROWS = (
+    ("train_rcnn_sliding_windows", "Sliding windows, per window",
+     "train_rcnn.py --variant sliding_windows", "seconds_per_image_loop"),
+    ("train_rcnn_sliding_windows", "Sliding windows, convolutional",
+     "train_rcnn.py --variant sliding_windows", "seconds_per_image_conv"),
+    ("train_rcnn_rcnn", "R-CNN", "train_rcnn.py --variant rcnn", "seconds_per_image"),
+    ("train_rcnn_fast_rcnn", "Fast R-CNN", "train_rcnn.py --variant fast_rcnn",
+     "seconds_per_image"),
+    ("train_faster_rcnn", "Faster R-CNN", "train_faster_rcnn.py", "seconds_per_image"),
 )
 # Keys copied from a run's metrics.json by --record (the rest of metrics.json stays in the run).
 RECORD_KEYS = (
@@ -41,6 +55,11 @@ RECORD_KEYS = (
     "stopped_by_time_budget", "train_images_per_second", "inference_ms_batch1",
     "inference_ms_batch16", "val_accuracy", "val_mean_iou", "val_pixel_accuracy",
     "test_verification_accuracy", "test_roc_auc", "test_one_shot_top1",
+    # the lineage table's (train_rcnn.py)
+    "seconds_per_image", "seconds_per_image_loop", "seconds_per_image_conv",
+    "speedup_conv_over_loop", "windows_per_image", "proposals_per_image", "proposal_recall_50",
+    "proposal_recall_70", "proposal_seconds_per_image", "svm_stage_seconds",
+    "svm_false_positives_per_round", "ablations", "num_train_examples",
 )
 
 
@@ -73,7 +92,39 @@ def detector_table(runs):
     return "\n".join(lines)
 
 
-TABLES = {"detector-table": detector_table}
+def _seconds_per_image(run, key):
+    """The row's inference seconds per image; ``inference_ms_batch1`` (converted) for a record
+    without ``key`` (Faster R-CNN's: one image per call as well)."""
+    if run.get(key) is not None:
+        return run[key]
+    milliseconds = run.get("inference_ms_batch1")
+    return None if milliseconds is None else milliseconds / 1000.0
+
+
+def lineage_table(runs):
+    """Markdown of the lineage table (sliding windows to Faster R-CNN) from the record's runs."""
+    lines = ["| method | command | val mAP@0.5 | mAP@[.5:.95] | inference s/image | regions "
+             "classified per image | region recall @0.5 / @0.7 | training s | machine load |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, method, command, seconds_key in LINEAGE_ROWS:
+        run = runs.get(name)
+        if not run or run.get("val_map50") is None:
+            lines.append(f"| {method} | `{command}` | not measured yet | | | | | | |")
+            continue
+        stale = " (stale)" if run.get("stale") else ""
+        recall = (f"{_number(run.get('proposal_recall_50'), 3)} / "
+                  f"{_number(run.get('proposal_recall_70'), 3)}"
+                  if run.get("proposal_recall_50") is not None else "-")
+        lines.append(
+            f"| {method}{stale} | `{command}` | {_number(run.get('val_map50'), 3)} | "
+            f"{_number(run.get('val_map'), 3)} | "
+            f"{_number(_seconds_per_image(run, seconds_key), 4)} | "
+            f"{_number(run.get('proposals_per_image'), 0)} | {recall} | "
+            f"{_number(run.get('train_seconds'), 0)} | {run.get('load_average', '-')} |")
+    return "\n".join(lines)
+
+
+TABLES = {"detector-table": detector_table, "lineage-table": lineage_table}
 
 
 def render(readme_text, runs):
