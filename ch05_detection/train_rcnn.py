@@ -43,7 +43,7 @@ Output in ``--out`` (default ``runs/train_rcnn_<variant>/``): ``config.json``, `
 ``proposal_recall_50`` / ``_70``, for R-CNN ``svm_false_positives_per_round`` ...),
 ``val_ground_truth.json`` / ``val_detections.json``, ``detections.png``, ``proposals.png``,
 ``pr_curves.png``, ``history.png``, ``hard_negatives.png`` (R-CNN), ``<variant>.keras`` (load it
-with ``ch05_detection.load_model``; the sliding windows: ``window_classifier.keras``, a plain
+with ``ch05_detection.load_model``; the sliding windows: ``window_classifier.keras``, the same way, a plain
 Keras model), ``logs/`` and ``checkpoint/``.
 
 Pictures for the notebook are in ``rcnn_figures.py`` (regions, warped regions, SVM scores per
