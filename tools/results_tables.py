@@ -124,7 +124,71 @@ def lineage_table(runs):
     return "\n".join(lines)
 
 
-TABLES = {"detector-table": detector_table, "lineage-table": lineage_table}
+# The default-runs table: (record name, script as run, what its headline numbers are).
+def _fmt(run, template):
+    try:
+        return template.format(**run)
+    except (KeyError, TypeError, ValueError):  # a number not measured (None) or not recorded
+        return None
+
+
+DEFAULT_RUN_ROWS = (
+    ("train_classifier", "ch04_classification/train_classifier.py",
+     "val accuracy **{val_accuracy:.3f}**"),
+    ("score_explanations", "ch04_classification/score_explanations.py",
+     "pointing game: Grad-CAM **{pointing_grad_cam:.3f}**, CAM {pointing_cam:.3f}, guided backprop "
+     "{pointing_guided_backprop:.3f}, saliency {pointing_saliency:.3f}, occlusion "
+     "{pointing_occlusion:.3f} (centre baseline {pointing_center:.3f}) at val accuracy {val_accuracy:.3f}"),
+    ("train_siamese", "ch04_classification/train_siamese.py",
+     "people never seen: verification **{test_verification_accuracy:.3f}**, ROC AUC {test_roc_auc:.3f}, "
+     "20-way one-shot **{test_one_shot_top1:.3f}** (raw pixels: {test_pixel_verification_accuracy:.3f} / "
+     "{test_pixel_roc_auc:.3f} / {test_pixel_one_shot_top1:.3f})"),
+    ("train_faster_rcnn", "ch05_detection/train_faster_rcnn.py",
+     "val mAP@0.5 **{val_map50:.3f}**, mAP@[.5:.95] {val_map:.3f} (the other detectors: the tables "
+     "below)"),
+    ("train_mask_rcnn", "ch06_segmentation/train_mask_rcnn.py",
+     "mask mAP@0.5 **{val_mask_map50:.3f}**, mask mAP@[.5:.95] {val_mask_map:.3f}, box mAP@0.5 "
+     "{val_map50:.3f}; touching same-class shapes: instances recover "
+     "{val_touching_instance_recovered} of {val_touching_objects} objects, semantic connected "
+     "components {val_touching_semantic_recovered}"),
+    ("train_unet", "ch06_segmentation/train_unet.py", "val mean IoU **{val_mean_iou:.3f}**, pixel "
+     "accuracy {val_pixel_accuracy:.3f}"),
+    ("train_unet_fcn8s", "ch06_segmentation/train_unet.py --model fcn8s",
+     "val mean IoU **{val_mean_iou:.3f}**, pixel accuracy {val_pixel_accuracy:.3f}"),
+    ("train_denoiser", "ch06_segmentation/train_denoiser.py",
+     "PSNR {val_psnr_noisy:.1f} -> **{val_psnr_denoised:.1f}** dB, SSIM {val_ssim_noisy:.2f} -> "
+     "{val_ssim_denoised:.2f}"),
+    ("run_style_transfer", "ch06_segmentation/run_style_transfer.py",
+     "style cost {initial_style_cost:.4f} -> {style_cost:.5f} (reduction **{style_cost_reduction:.3f}**), "
+     "random VGG-19 features, no download"),
+)
+
+
+def default_runs_table(runs):
+    """Markdown of every script's default run (headline numbers, seconds, load) from the record."""
+    lines = ["| `python ...` (no arguments) | result | training s | epochs | machine load | measured |",
+             "| --- | --- | ---: | ---: | --- | --- |"]
+    for name, script, template in DEFAULT_RUN_ROWS:
+        run = runs.get(name) or {}
+        result = _fmt(run, template)
+        if result is None:
+            lines.append(f"| `{script}` | not measured yet | | | | |")
+            continue
+        if run.get("stale"):
+            result += " (stale: measured before the current training harness)"
+        seconds = run.get("train_seconds", run.get("optimization_seconds"))
+        epochs = run.get("epochs")
+        planned = run.get("planned_epochs")
+        epochs_text = "-" if epochs is None else (f"{epochs} of {planned}" if planned and planned != epochs
+                                                  else str(epochs))
+        measured = str(run.get("measured") or "-").split(";")[0]
+        lines.append(f"| `{script}` | {result} | {_number(seconds, 0)} | {epochs_text} | "
+                     f"{run.get('load_average', '-')} | {measured} |")
+    return "\n".join(lines)
+
+
+TABLES = {"detector-table": detector_table, "lineage-table": lineage_table,
+          "default-runs": default_runs_table}
 
 
 def render(readme_text, runs):
