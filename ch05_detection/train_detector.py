@@ -1,5 +1,5 @@
 """Train any one-stage detector of chapter 5 and evaluate it: YOLO, YOLO with anchors, SSD,
-RetinaNet, CenterNet.
+RetinaNet, CenterNet, DETR.
 
 Every model follows the detector interface (``detector.py``) and every script shares the data,
 the evaluation and the pictures (``detection_run.py``), so the runs of this script and of
@@ -11,10 +11,13 @@ seconds and images/s, inference ms/image::
     python ch05_detection/train_detector.py --model yolo_anchors --anchors 5
     python ch05_detection/train_detector.py --model retinanet --classification-loss cross_entropy
     python ch05_detection/train_detector.py --model centernet --dataset voc/2007 --image-size 256
+    python ch05_detection/train_detector.py --model detr --num-queries 25
 
 ``--epochs``, ``--learning-rate``, ``--batch-size``, ``--warmup-epochs`` and
 ``--time-budget-minutes`` default to the model's own defaults (``TRAIN_DEFAULTS`` in its module,
-printed at the start of a run and saved in ``config.json``); pass them to override.
+printed at the start of a run and saved in ``config.json``); pass them to override. A model's
+``TRAIN_DEFAULTS`` may also name its optimizer (``optimizer``, ``weight_decay``, ``clipnorm``;
+default Adam clipped at norm 10): DETR trains with AdamW clipped at 0.1, as its paper.
 
 Output in ``--out`` (default ``runs/train_detector_<model>/``): ``config.json``, ``metrics.json``,
 ``val_ground_truth.json`` and ``val_detections.json`` (COCO format), ``detections.png``,
@@ -43,17 +46,20 @@ MODELS = {
     "ssd": "ch05_detection.ssd",
     "retinanet": "ch05_detection.retinanet",
     "centernet": "ch05_detection.centernet",
+    "detr": "ch05_detection.detr",
 }
 # Options whose default is the model's (None on the command line = "the model's default").
 MODEL_DEFAULT_OPTIONS = ("epochs", "learning_rate", "batch_size", "warmup_epochs",
                          "time_budget_minutes")
 MODEL_DISPLAY_NAMES = {"yolo": "YOLO v1", "yolo_anchors": "YOLO with anchors", "ssd": "SSD",
-                       "retinanet": "RetinaNet", "centernet": "CenterNet"}
+                       "retinanet": "RetinaNet", "centernet": "CenterNet", "detr": "DETR"}
+# The optimizer unless the model's TRAIN_DEFAULTS names another (Adam, global norm clipped at 10).
+OPTIMIZER_DEFAULTS = {"optimizer": "adam", "weight_decay": None, "clipnorm": 10.0}
 
 
 @dataclass
-class Config(detection_run.DetectionConfig):
-    """Train a one-stage detector (YOLO, SSD, RetinaNet, CenterNet) and evaluate it."""
+class Config(detection_run.GeometryAugmentOptions, detection_run.DetectionConfig):
+    """Train a one-stage detector (YOLO, SSD, RetinaNet, CenterNet, DETR) and evaluate it."""
 
     model: str = field(default="ssd", metadata={"help": "the detector", "choices": tuple(MODELS)})
     epochs: Optional[int] = field(default=None, metadata={
@@ -72,6 +78,11 @@ class Config(detection_run.DetectionConfig):
     classification_loss: str = field(default="focal", metadata={
         "help": "retinanet: focal loss or plain cross-entropy (the paper's ablation)",
         "choices": ("focal", "cross_entropy")})
+    num_queries: int = field(default=16, metadata={
+        "help": "detr: object queries (more than the most objects in an image)"})
+    paper_detr: bool = field(default=False, metadata={
+        "help": "detr: the paper's model (learned queries attending everywhere, no encoder "
+                "loss) instead of anchor queries with local attention and an encoder loss"})
     max_detections: int = field(default=100, metadata={"help": "detections kept per image"})
     out: str = field(default="", metadata={
         "help": "output folder; re-run to resume ('' = runs/train_detector_<model>)"})
@@ -107,6 +118,8 @@ def check_config(config):
     detection_run.check_detection_config(config)
     if config.anchors < 1:
         raise ValueError(f"--anchors must be >= 1, got {config.anchors}")
+    if config.num_queries < 1:
+        raise ValueError(f"--num-queries must be >= 1, got {config.num_queries}")
     if config.max_detections < 1:
         raise ValueError(f"--max-detections must be >= 1, got {config.max_detections}")
 
@@ -138,9 +151,16 @@ def main(argv=None):
     steps = detection_run.steps_per_epoch(config, num_train)
     with run.strategy.scope():
         model = build_model(config, num_classes, class_names, train_boxes)
-        model.compile(optimizer=run.optimizer(steps, "adam", clipnorm=10.0, alpha=0.02),
+        optimizer = {**OPTIMIZER_DEFAULTS, **{key: value for key, value in
+                                              model_defaults(config.model).items()
+                                              if key in OPTIMIZER_DEFAULTS}}
+        model.compile(optimizer=run.optimizer(steps, optimizer["optimizer"],
+                                              weight_decay=optimizer["weight_decay"],
+                                              clipnorm=optimizer["clipnorm"], alpha=0.02),
                       jit_compile=False)
-    print(f"model: {model.count_params():,} parameters")
+    print(f"model: {model.count_params():,} parameters; optimizer {optimizer['optimizer']} "
+          f"(weight decay {optimizer['weight_decay']}, gradient norm clipped at "
+          f"{optimizer['clipnorm']})")
 
     callbacks = []
     if config.eval_every:
