@@ -17,7 +17,7 @@ with the machine's load (a busy machine changes the seconds, not the accuracies)
 
 Run from the repo root::
 
-    python bench/bench_augment_value.py                 # ~8 minutes on a quiet 2-core CPU
+    python bench/bench_augment_value.py                 # ~12 minutes on a quiet 2-core CPU
     python bench/bench_augment_value.py --only classifier --no-write
 """
 
@@ -66,7 +66,7 @@ def run_faster_rcnn(train_images, epochs, warps, out):
 
 
 MODELS = {
-    "classifier": (run_classifier, 40, "train_classifier.py", "val accuracy"),
+    "classifier": (run_classifier, 150, "train_classifier.py", "val accuracy"),
     "faster_rcnn": (run_faster_rcnn, 16, "train_faster_rcnn.py", "val mAP@0.5 (mAP@[.5:.95])"),
 }
 
@@ -120,7 +120,7 @@ def main(argv=None):
                         help="one model only (repeatable; default: both)")
     parser.add_argument("--train-images", type=int, default=500, help="training images per run")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of every run (default: 40 for the classifier, 16 for Faster R-CNN)")
+                        help="epochs of every run (default: 150 for the classifier (1,200 steps), 16 for Faster R-CNN)")
     parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
     args = parser.parse_args(argv)
     if args.train_images < 16:
