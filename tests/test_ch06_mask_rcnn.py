@@ -194,7 +194,9 @@ def test_flip_moves_masks_with_their_boxes(batch, trained):
 def test_training_reduces_the_losses(trained):
     _, history = trained
     assert np.all(np.isfinite(history["loss"]))
-    assert np.mean(history["mask_loss"][-5:]) < 0.85 * history["mask_loss"][0]
+    # At 0.69 (a mask branch that learnt nothing: every pixel at p = 0.5) this fails; 20 steps reach
+    # ~0.62 from ~0.73, how far depends on the kernels' rounding (op determinism on or off).
+    assert np.mean(history["mask_loss"][-5:]) < 0.9 * history["mask_loss"][0]
     assert np.mean(history["loss"][-5:]) < 0.7 * history["loss"][0]
 
 
