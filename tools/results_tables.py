@@ -148,9 +148,10 @@ DEFAULT_RUN_ROWS = (
      "below)"),
     ("train_mask_rcnn", "ch06_segmentation/train_mask_rcnn.py",
      "mask mAP@0.5 **{val_mask_map50:.3f}**, mask mAP@[.5:.95] {val_mask_map:.3f}, box mAP@0.5 "
-     "{val_map50:.3f}; touching same-class shapes: instances recover "
-     "{val_touching_instance_recovered} of {val_touching_objects} objects, semantic connected "
-     "components {val_touching_semantic_recovered}"),
+     "{val_map50:.3f}; where same-class shapes touch, instances recover "
+     "{val_touching_instance_recovered} of {val_touching_objects} objects, the connected components "
+     "of U-Net's semantic mask {val_unet_touching_semantic_recovered} (of a perfect semantic mask "
+     "{val_touching_semantic_recovered})"),
     ("train_unet", "ch06_segmentation/train_unet.py", "val mean IoU **{val_mean_iou:.3f}**, pixel "
      "accuracy {val_pixel_accuracy:.3f}"),
     ("train_unet_fcn8s", "ch06_segmentation/train_unet.py --model fcn8s",
