@@ -458,8 +458,9 @@ def to_coco_json(ground_truth, detections, image_sizes, class_names, gt_path=Non
     return ground_truth_dict, results
 
 
-def coco_map_with_pycocotools(gt_json_path, det_json_path, verbose=False):
-    """Run the official ``pycocotools`` COCOeval (bbox) on two COCO JSON files.
+def coco_map_with_pycocotools(gt_json_path, det_json_path, verbose=False, iou_type="bbox"):
+    """Run the official ``pycocotools`` COCOeval on two COCO JSON files: ``iou_type`` "bbox"
+    (box IoU) or "segm" (mask IoU on RLE masks, Mask R-CNN's ``ch06_segmentation/mask_rcnn.py``).
 
     pycocotools cannot load an empty result list; then every class with ground truth
     has AP 0 (and with no ground truth at all the answer is -1, like COCOeval).
@@ -470,6 +471,8 @@ def coco_map_with_pycocotools(gt_json_path, det_json_path, verbose=False):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"`iou_type` must be 'bbox' or 'segm', got {iou_type!r}")
     # loadRes only accepts a str path (a pathlib.Path would be taken for a result list).
     gt_json_path, det_json_path = os.fspath(gt_json_path), os.fspath(det_json_path)
     output = io.StringIO()
@@ -481,7 +484,7 @@ def coco_map_with_pycocotools(gt_json_path, det_json_path, verbose=False):
             value = 0.0 if coco_gt.dataset.get("annotations") else -1.0
             return {"map": value, "map50": value, "map75": value}
         coco_dt = coco_gt.loadRes(det_json_path)
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

@@ -574,30 +574,10 @@ def coco_mask_json(ground_truth, detections, class_names, gt_path=None, det_path
 def coco_mask_map(gt_json_path, det_json_path, iou_type="segm"):
     """pycocotools ``COCOeval`` on two COCO JSON files: ``iou_type`` "segm" (mask IoU on the RLE
     masks) or "bbox". Returns ``map`` (AP@[.5:.95]), ``map50``, ``map75``; an empty result list
-    scores 0 (-1 without ground truth), as ``evaluate.coco_map_with_pycocotools``."""
-    import contextlib
-    import io
+    scores 0 (-1 without ground truth): ``evaluate.coco_map_with_pycocotools``."""
+    from ch05_detection import evaluate
 
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    if iou_type not in ("segm", "bbox"):
-        raise ValueError(f"`iou_type` must be 'segm' or 'bbox', got {iou_type!r}")
-    gt_json_path, det_json_path = os.fspath(gt_json_path), os.fspath(det_json_path)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO(gt_json_path)
-        with open(det_json_path) as file:
-            results = json.load(file)
-        if not results:
-            value = 0.0 if coco_gt.dataset.get("annotations") else -1.0
-            return {"map": value, "map50": value, "map75": value}
-        coco_dt = coco_gt.loadRes(det_json_path)
-        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    stats = evaluator.stats
-    return {"map": float(stats[0]), "map50": float(stats[1]), "map75": float(stats[2])}
+    return evaluate.coco_map_with_pycocotools(gt_json_path, det_json_path, iou_type=iou_type)
 
 
 def run_mask_detection(model, examples, batch_size=16, progress=False):
