@@ -59,7 +59,7 @@ CLASSIFICATION_DATASETS = ("shapes_classification", "digits", "mnist", "cifar10"
 
 
 @dataclass
-class TrainConfig(training.TrainingConfig):
+class TrainConfig(augment.WarpOptions, training.TrainingConfig):
     """Train a chapter-4 classifier. Every option has a default; --fast makes it a smoke run."""
 
     model: str = field(default="resnet_small", metadata={
@@ -99,13 +99,6 @@ class TrainConfig(training.TrainingConfig):
                 "a mirrored digit or letter is another image)"})
     rotate90: bool | None = field(default=None, metadata={
         "help": "augmentation: random quarter turns (None: on for the rotation-invariant shapes only)"})
-    rotation: float = field(default=0.0, metadata={
-        "help": "augmentation: largest random rotation in degrees (0 = off)"})
-    shear: float = field(default=0.0, metadata={
-        "help": "augmentation: largest random shear factor, both directions (0 = off)"})
-    elastic_alpha: float = field(default=0.0, metadata={
-        "help": "augmentation: strength in pixels of a random elastic warp (Simard et al. 2003; "
-                "0 = off; smoothed by a Gaussian of sigma 4 px)"})
     scale_jitter: float = field(default=0.0, metadata={
         "help": "augmentation: VGG scale jittering, zoom in by up to 1 + this (0 = off)"})
     color_jitter: float = field(default=0.0, metadata={
@@ -180,12 +173,7 @@ def check_config(config):
     if config.scale_jitter < 0 or config.color_jitter < 0:
         raise ValueError(f"--scale-jitter and --color-jitter must be >= 0, got {config.scale_jitter}, "
                          f"{config.color_jitter}")
-    if not 0.0 <= config.rotation <= 180.0:
-        raise ValueError(f"--rotation must be in [0, 180] degrees, got {config.rotation}")
-    if not 0.0 <= config.shear < 1.0:
-        raise ValueError(f"--shear must be in [0, 1), got {config.shear}")
-    if config.elastic_alpha < 0:
-        raise ValueError(f"--elastic-alpha must be >= 0 (0 = off), got {config.elastic_alpha}")
+    augment.check_warp_options(config)
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
     if config.learning_rate is None:

@@ -58,30 +58,14 @@ class DetectionConfig(training.TrainingConfig):
         "help": "val mAP@0.5 on a subset every N epochs (0 = off)"})
 
 
-@dataclass
-class GeometryAugmentOptions:
-    """Options of the geometric augmentations the input pipeline can add (``common.augment``).
-
-    Mixed into the ``Config`` of the scripts whose batches come from ``train_batches``
-    (``train_faster_rcnn.py``, ``train_detector.py``). Each batch is rotated, sheared and elastically
-    warped in ``tf.data`` before the train step (whose horizontal flip is ``--flip``). Where the data
-    have instance masks (``shapes``), they are loaded with the training split, warped with the image,
-    and each box is recomputed as the extent of its warped mask: boxes stay tight. Other data sets
-    have boxes only: a box becomes the extent of its warped corners, looser than the object.
-    """
-
-    rotation: float = field(default=0.0, metadata={
-        "help": "augmentation: largest random rotation in degrees (0 = off)"})
-    shear: float = field(default=0.0, metadata={
-        "help": "augmentation: largest random shear factor, both directions (0 = off)"})
-    elastic_alpha: float = field(default=0.0, metadata={
-        "help": "augmentation: strength in pixels of a random elastic warp (Simard et al. 2003; "
-                "0 = off; its smoothness is a Gaussian of sigma 4 px)"})
-
-
-def geometry_augmentation(config):
-    """Whether ``config`` asks for any geometric augmentation (False for scripts without them)."""
-    return any(getattr(config, name, 0.0) for name in ("rotation", "shear", "elastic_alpha"))
+# Mixed into the Config of the scripts whose batches come from train_batches (train_faster_rcnn.py,
+# train_detector.py): --rotation, --shear, --elastic-alpha warp each batch in tf.data before the
+# train step (whose horizontal flip is --flip). Where the data have instance masks (shapes), they are
+# loaded with the training split and warped with the image, and each box is recomputed as the extent
+# of its warped mask: boxes stay tight. Other data sets have boxes only: a box becomes the extent of
+# its warped corners, looser than the object.
+GeometryAugmentOptions = augment.WarpOptions
+geometry_augmentation = augment.has_warps
 
 
 def _has_instance_masks(config):
@@ -100,12 +84,7 @@ def check_detection_config(config):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
     if config.eval_every < 0:
         raise ValueError(f"--eval-every must be >= 0, got {config.eval_every}")
-    if not 0.0 <= getattr(config, "rotation", 0.0) <= 180.0:
-        raise ValueError(f"--rotation must be in [0, 180] degrees, got {config.rotation}")
-    if not 0.0 <= getattr(config, "shear", 0.0) < 1.0:
-        raise ValueError(f"--shear must be in [0, 1), got {config.shear}")
-    if getattr(config, "elastic_alpha", 0.0) < 0.0:
-        raise ValueError(f"--elastic-alpha must be >= 0 (0 = off), got {config.elastic_alpha}")
+    augment.check_warp_options(config)
     if config.backbone_weights and not Path(config.backbone_weights).is_file():
         raise ValueError(f"--backbone-weights: no file {config.backbone_weights!r} (expected the "
                          f"model.keras that ch04_classification/train_classifier.py writes)")

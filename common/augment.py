@@ -101,6 +101,7 @@ and ``python bench/bench_augment.py``. Typical use::
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
@@ -1451,6 +1452,37 @@ class Augmenter:
     def __repr__(self):
         options = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "task")
         return f"Augmenter({self.task!r}, {options})"
+
+
+@dataclass
+class WarpOptions:
+    """The warps as script options (``--rotation``, ``--shear``, ``--elastic-alpha``): a dataclass
+    a script's ``Config`` mixes in (``train_classifier.py``, ``train_faster_rcnn.py``,
+    ``train_detector.py``); pass them to ``Augmenter(rotation=..., shear=..., elastic_alpha=...)``.
+    """
+
+    rotation: float = field(default=0.0, metadata={
+        "help": "augmentation: largest random rotation in degrees (0 = off)"})
+    shear: float = field(default=0.0, metadata={
+        "help": "augmentation: largest random shear factor, both directions (0 = off)"})
+    elastic_alpha: float = field(default=0.0, metadata={
+        "help": "augmentation: strength in pixels of a random elastic warp (Simard et al. 2003; "
+                "0 = off; smoothed by a Gaussian of sigma 4 px)"})
+
+
+def check_warp_options(config) -> None:
+    """ValueErrors naming the flag for ``WarpOptions`` values no augmenter takes."""
+    if not 0.0 <= getattr(config, "rotation", 0.0) <= 180.0:
+        raise ValueError(f"--rotation must be in [0, 180] degrees, got {config.rotation}")
+    if not 0.0 <= getattr(config, "shear", 0.0) < 1.0:
+        raise ValueError(f"--shear must be in [0, 1), got {config.shear}")
+    if getattr(config, "elastic_alpha", 0.0) < 0.0:
+        raise ValueError(f"--elastic-alpha must be >= 0 (0 = off), got {config.elastic_alpha}")
+
+
+def has_warps(config) -> bool:
+    """Whether ``config`` asks for any warp (False for a config without ``WarpOptions``)."""
+    return any(getattr(config, name, 0.0) for name in ("rotation", "shear", "elastic_alpha"))
 
 
 def make_augmenter(task: str, **options) -> Augmenter:
