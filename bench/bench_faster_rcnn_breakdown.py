@@ -30,7 +30,6 @@ import platform
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from ch05_detection import detection_head, rpn, targets, train_faster_rcnn
@@ -40,17 +39,6 @@ from common import synthetic, training
 import results_md  # bench/results_md.py (bench/ is on the path when run as a script)
 
 SECTION = "## Faster R-CNN step breakdown"
-
-
-def _median_seconds(function, steps, warmup=2):
-    for _ in range(warmup):
-        function()
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        function()
-        seconds.append(time.perf_counter() - start)
-    return float(np.median(seconds))
 
 
 def _partial_losses(model, images, gt_boxes, gt_classes, upto, step):
@@ -137,11 +125,11 @@ def measure(steps=10):
         optimizer = keras.optimizers.Adam(1e-4)
         step = _train_step(model, optimizer, upto)
         counter = iter(range(10 ** 9))
-        result[f"train_{upto}"] = _median_seconds(
+        result[f"train_{upto}"] = results_md.median_seconds(
             lambda: step(images, boxes, classes, tf.constant(next(counter), tf.int64)), steps)
-        result[f"infer_{upto}"] = _median_seconds(lambda infer=_inference(model, upto):
+        result[f"infer_{upto}"] = results_md.median_seconds(lambda infer=_inference(model, upto):
                                                   infer(images), steps)
-    result["infer_e"] = _median_seconds(lambda infer=_inference(model, "e"): infer(images), steps)
+    result["infer_e"] = results_md.median_seconds(lambda infer=_inference(model, "e"): infer(images), steps)
     model.compile(optimizer=training.make_optimizer("adam", 1e-4, clipnorm=10.0), jit_compile=False)
     stream = tf.data.Dataset.from_tensors(batch).repeat()
     model.fit(stream, steps_per_epoch=3, epochs=1, verbose=0)  # trace and warm up

@@ -29,7 +29,6 @@ import platform
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from ch06_segmentation import losses, train_unet
@@ -38,18 +37,6 @@ from common import data, training
 import results_md  # bench/results_md.py (bench/ is on the path when run as a script)
 
 SECTION = "## U-Net training step"
-
-
-def _time_calls(function, steps, warmup=3):
-    """Median seconds per call of ``function()`` over ``steps`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        function()
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        function()
-        seconds.append(time.perf_counter() - start)
-    return float(np.median(seconds))
 
 
 def _custom_step(model, loss_fn, jit):
@@ -87,11 +74,11 @@ def measure(steps=20):
         model = train_unet.build_model(config, num_classes)
         result["params"] = model.count_params()
         forward = tf.function(lambda x: model(x, training=False), jit_compile=jit)
-        result[f"forward_{suffix}"] = _time_calls(lambda: forward(images), steps)
+        result[f"forward_{suffix}"] = results_md.median_seconds(lambda: forward(images), steps)
         step_a = _custom_step(model, trivial_loss, jit)
-        result[f"a_{suffix}"] = _time_calls(lambda: step_a(images, masks), steps)
+        result[f"a_{suffix}"] = results_md.median_seconds(lambda: step_a(images, masks), steps)
         step_b = _custom_step(model, loss_fn, jit)
-        result[f"b_{suffix}"] = _time_calls(lambda: step_b(images, masks), steps)
+        result[f"b_{suffix}"] = results_md.median_seconds(lambda: step_b(images, masks), steps)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss_fn, jit_compile=jit,
                       metrics=[losses.MeanIoU(num_classes), losses.PixelAccuracy(num_classes)])
         stream = tf.data.Dataset.from_tensors((images, masks)).repeat()

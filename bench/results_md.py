@@ -1,4 +1,5 @@
-"""bench/RESULTS.md, one "## " section per benchmark: ``replace_section`` rewrites one in place.
+"""What the bench scripts share: ``replace_section`` rewrites one "## " section of bench/RESULTS.md
+in place, ``median_seconds`` times a call.
 
 The bench scripts import it as ``results_md`` (``python bench/bench_x.py`` puts ``bench/`` on the
 import path).
@@ -7,6 +8,8 @@ import path).
 from __future__ import annotations
 
 import re
+import statistics
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -26,3 +29,16 @@ def replace_section(section: str, path: Path = RESULTS) -> str:
         text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     path.write_text(text)
     return section
+
+
+def median_seconds(function, steps, warmup=2):
+    """Median wall seconds of ``function()`` over ``steps`` calls, after ``warmup`` untimed calls
+    (tracing and the first allocations)."""
+    for _ in range(warmup):
+        function()
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)

@@ -28,3 +28,9 @@ def test_replace_section_in_place_and_append(tmp_path):
 def test_a_section_needs_its_title(tmp_path):
     with pytest.raises(ValueError, match="'## ' title"):
         results_md.replace_section("no title\n", tmp_path / "RESULTS.md")
+
+
+def test_median_seconds_warms_up_then_times_each_call():
+    calls = []
+    seconds = results_md.median_seconds(lambda: calls.append(1), steps=3, warmup=2)
+    assert len(calls) == 5 and 0.0 <= seconds < 0.1
