@@ -75,8 +75,14 @@ def test_readme_tables_are_generated_from_the_record(tmp_path):
     # --record copies a run's metrics into the record (here into a copy of it).
     run_dir, record_path = tmp_path / "run", tmp_path / "results.json"
     run_dir.mkdir()
-    (run_dir / "metrics.json").write_text(json.dumps({"val_map50": 0.5, "parameters": 7, "other": 1}))
+    (run_dir / "metrics.json").write_text(json.dumps({"val_map50": 0.5, "parameters": 7, "other": 1,
+                                                          "val_iou_star": 0.25}))
     record_path.write_text(json.dumps({"runs": {}}))
     entry = tables.record(run_dir, "train_detector_ssd", "1.0", path=record_path)
     assert entry["val_map50"] == 0.5 and "other" not in entry and entry["stale"] is False
+    assert entry["val_iou_star"] == 0.25  # per-class keys come along
     assert json.loads(record_path.read_text())["runs"]["train_detector_ssd"]["parameters"] == 7
+    assert "command" not in entry
+    # A re-record keeps the entry's command line unless given a new one.
+    entry = tables.record(run_dir, "train_detector_ssd", "1.0", path=record_path, command="python a.py")
+    assert tables.record(run_dir, "train_detector_ssd", "2.0", path=record_path)["command"] == "python a.py"

@@ -60,7 +60,13 @@ RECORD_KEYS = (
     "speedup_conv_over_loop", "windows_per_image", "proposals_per_image", "proposal_recall_50",
     "proposal_recall_70", "proposal_seconds_per_image", "svm_stage_seconds",
     "svm_false_positives_per_round", "ablations", "num_train_examples",
+    # the foundations' (train_localizer.py) and the denoiser's
+    "val_presence_accuracy", "val_class_accuracy", "val_nme",
+    "val_psnr_noisy", "val_psnr_denoised", "val_psnr_gain", "val_ssim_noisy", "val_ssim_denoised",
+    "val_ssim_gain",
 )
+# and every key that starts with one of these (per-class IoUs, PSNR/SSIM per noise type)
+RECORD_PREFIXES = ("val_iou_", "val_psnr_", "val_ssim_")
 
 
 def _number(value, digits):
@@ -133,6 +139,19 @@ def _fmt(run, template):
 
 
 DEFAULT_RUN_ROWS = (
+    ("train_classifier_lenet5_digits",
+     "ch04_classification/train_classifier.py --model lenet5 --dataset digits",
+     "LeNet-5 (1998) on scikit-learn's handwritten digits: val accuracy **{val_accuracy:.3f}**"),
+    ("lenet5_1998_digits", "ch04_classification/train_classifier.py --model lenet5 --dataset digits "
+     "--no-augment --batch-size 32 --epochs 15", "LeNet-5 (1998): val accuracy **{val_accuracy:.3f}**"),
+    ("lenet5_modern_digits", "ch04_classification/train_classifier.py --model lenet5_modern --dataset "
+     "digits --no-augment --batch-size 32 --epochs 15",
+     "LeNet-5 modern (ReLU, max pooling): val accuracy **{val_accuracy:.3f}**"),
+    ("train_localizer", "ch05_detection/train_localizer.py",
+     "presence accuracy {val_presence_accuracy:.3f}, class accuracy **{val_class_accuracy:.3f}**, "
+     "box IoU **{val_mean_iou:.3f}**"),
+    ("train_localizer_landmarks", "ch05_detection/train_localizer.py --task landmarks",
+     "presence accuracy {val_presence_accuracy:.3f}, NME **{val_nme:.3f}** of the image side"),
     ("train_classifier", "ch04_classification/train_classifier.py",
      "val accuracy **{val_accuracy:.3f}**"),
     ("score_explanations", "ch04_classification/score_explanations.py",
@@ -167,7 +186,7 @@ DEFAULT_RUN_ROWS = (
 
 def default_runs_table(runs):
     """Markdown of every script's default run (headline numbers, seconds, load) from the record."""
-    lines = ["| `python ...` (no arguments) | result | training s | epochs | machine load | measured |",
+    lines = ["| `python ...` | result | training s | epochs | machine load | measured |",
              "| --- | --- | ---: | ---: | --- | --- |"]
     for name, script, template in DEFAULT_RUN_ROWS:
         run = runs.get(name) or {}
@@ -208,15 +227,20 @@ def load_runs(path=RESULTS):
     return json.loads(Path(path).read_text())["runs"]
 
 
-def record(run_dir, name, load, path=RESULTS):
-    """Copy the RECORD_KEYS of ``run_dir/metrics.json`` (and its command) into the record."""
+def record(run_dir, name, load, path=RESULTS, command=None):
+    """Copy the RECORD_KEYS of ``run_dir/metrics.json`` into the record as ``name``.
+
+    ``command`` is the command line that made the run; without it the record keeps the one the
+    previous entry of that name had.
+    """
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         raise ValueError(f"{metrics_path}: no such file (finish the run first)")
     metrics = json.loads(metrics_path.read_text())
     config_path = run_dir / "config.json"
-    entry = {key: metrics[key] for key in RECORD_KEYS if key in metrics}
+    entry = {key: value for key, value in metrics.items()
+             if key in RECORD_KEYS or key.startswith(RECORD_PREFIXES)}
     if config_path.is_file():  # every option of the run (not where it wrote: a local path)
         entry["config"] = {k: v for k, v in json.loads(config_path.read_text()).items() if k != "out"}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -225,6 +249,9 @@ def record(run_dir, name, load, path=RESULTS):
     entry["measured"] = f"{date.today().isoformat()}, commit {commit or 'unknown'}"
     entry["stale"] = False
     content = json.loads(Path(path).read_text())
+    command = command or (content["runs"].get(name) or {}).get("command")
+    if command:
+        entry["command"] = command
     content["runs"][name] = entry
     Path(path).write_text(json.dumps(content, indent=2) + "\n")
     return entry
@@ -238,12 +265,14 @@ def main(argv=None):
     group.add_argument("--record", nargs=2, metavar=("RUN_DIR", "NAME"),
                        help="copy RUN_DIR/metrics.json into docs/results.json as NAME")
     parser.add_argument("--load", default="", help="with --record: the machine's load average")
+    parser.add_argument("--command", default=None,
+                        help="with --record: the run's command line (default: the record's previous one)")
     args = parser.parse_args(argv)
     if args.record:
         if not args.load:
             parser.error("--record needs --load (the load average during the run)")
         try:
-            record(*args.record, args.load)
+            record(*args.record, args.load, command=args.command)
         except ValueError as error:
             parser.error(str(error))
         return 0
