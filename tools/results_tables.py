@@ -130,6 +130,33 @@ def lineage_table(runs):
     return "\n".join(lines)
 
 
+# The schedule table of Faster R-CNN (Ren et al. 2015, sec. 3.2): (record name, schedule, backbone start).
+SCHEDULE_COMMAND = "ch05_detection/train_faster_rcnn.py --backbone-width 16"
+SCHEDULE_ROWS = (
+    ("faster_rcnn_joint_w16", "joint", "random"),
+    ("faster_rcnn_joint_w16_classifier", "joint", "the chapter-4 classifier"),
+    ("faster_rcnn_alternating_w16", "alternating (4 steps)", "random"),
+    ("faster_rcnn_alternating_w16_classifier", "alternating (4 steps)", "the chapter-4 classifier"),
+)
+
+
+def schedule_table(runs):
+    """Markdown of joint vs alternating training, with and without a pretrained backbone."""
+    lines = ["| `--schedule` | backbone starts from | val mAP@0.5 | mAP@[.5:.95] | training s | epochs | "
+             "machine load |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for name, schedule, start in SCHEDULE_ROWS:
+        run = runs.get(name)
+        if not run or run.get("val_map50") is None:
+            lines.append(f"| {schedule} | {start} | not measured yet | | | | |")
+            continue
+        epochs, planned = run.get("epochs"), run.get("planned_epochs")
+        epochs_text = f"{epochs} of {planned}" if planned and planned != epochs else str(epochs)
+        lines.append(f"| {schedule} | {start} | {_number(run.get('val_map50'), 3)} | "
+                     f"{_number(run.get('val_map'), 3)} | {_number(run.get('train_seconds'), 0)} | "
+                     f"{epochs_text} | {run.get('load_average', '-')} |")
+    return "\n".join(lines)
+
+
 # The default-runs table: (record name, script as run, what its headline numbers are).
 def _fmt(run, template):
     try:
@@ -208,7 +235,7 @@ def default_runs_table(runs):
 
 
 TABLES = {"detector-table": detector_table, "lineage-table": lineage_table,
-          "default-runs": default_runs_table}
+          "default-runs": default_runs_table, "schedule-table": schedule_table}
 
 
 def render(readme_text, runs):
