@@ -14,8 +14,10 @@ This file teaches how to score an output that has one value per pixel:
   does not care how many background pixels there are.
 * ``MeanIoU`` and ``PixelAccuracy`` metrics from a confusion matrix, both
   skipping ignored pixels (the PASCAL VOC / FCN evaluation, Long et al. 2015,
-  sec. 5). ``tests/test_ch06_losses.py`` checks ``MeanIoU`` against
-  ``keras.metrics.MeanIoU``.
+  sec. 5), with optional sample weights. The matrix is counted in one pass
+  (``confusion_matrix``), and the two metrics share it inside a compiled
+  step. ``tests/test_ch06_losses.py`` checks ``MeanIoU`` against
+  ``keras.metrics.MeanIoU`` and ``PixelAccuracy`` against NumPy.
 * ``psnr`` and ``ssim`` for denoising (SSIM: Wang, Bovik, Sheikh & Simoncelli
   2004, "Image quality assessment: from error visibility to structural
   similarity"), checked against ``tf.image.psnr`` / ``tf.image.ssim``.
@@ -105,6 +107,31 @@ def _flatten_valid(y_true, y_pred, ignore_label, num_classes=None):
     return labels, scores, valid
 
 
+def _pixel_terms(y_true, y_pred, ignore_label, from_logits):
+    """What cross-entropy and Dice share, computed once: truth, log-probabilities, probabilities.
+
+    Returns ``truth`` [P, classes], the one-hot true class of each pixel (all
+    zeros for an ignored pixel, so it counts nowhere); ``log_probabilities``
+    [P, classes]; ``probabilities`` [P, classes], zero for ignored pixels.
+    Ignored pixels get a stand-in label 0 and zero weight instead of being
+    dropped with ``boolean_mask``, so shapes stay static and the losses also
+    compile with XLA. The cross-entropy is ``-sum(truth * log_probabilities)``;
+    with the truth one-hot already there for Dice, this costs less than
+    ``tf.nn.sparse_softmax_cross_entropy_with_logits`` next to a second softmax
+    for Dice (bench/RESULTS.md, "U-Net training step").
+    """
+    labels, scores, valid = _flatten_valid(y_true, y_pred, ignore_label)
+    counted = tf.cast(valid, scores.dtype)[:, None]  # [P, 1]: 1 for pixels that count
+    truth = tf.one_hot(tf.where(valid, labels, 0), scores.shape[-1], dtype=scores.dtype) * counted
+    if from_logits:
+        log_probabilities = tf.nn.log_softmax(scores, axis=-1)  # [P, classes]
+        probabilities = tf.exp(log_probabilities)
+    else:
+        log_probabilities = tf.math.log(tf.clip_by_value(scores, 1e-7, 1.0))
+        probabilities = scores
+    return truth, log_probabilities, probabilities * counted
+
+
 # ---------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------
@@ -133,24 +160,20 @@ class SparseCrossEntropyIgnore(keras.losses.Loss):
         self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
 
     def call(self, y_true, y_pred):
-        labels, scores, valid = _flatten_valid(y_true, y_pred, self.ignore_label)
-        # Ignored pixels get a stand-in label 0 and weight 0: no boolean_mask,
-        # so shapes stay static and the loss also compiles with XLA.
-        labels = tf.where(valid, labels, 0)  # [P]
-        if self.from_logits:
-            per_pixel = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=scores)
-        else:
-            probabilities = tf.clip_by_value(scores, 1e-7, 1.0)
-            per_pixel = -tf.math.log(tf.gather(probabilities, labels, batch_dims=1))  # [P]
-        weights = tf.cast(valid, per_pixel.dtype)  # [P], 0 for ignored pixels
+        return self.from_pixel_terms(*_pixel_terms(y_true, y_pred, self.ignore_label, self.from_logits))
+
+    def from_pixel_terms(self, truth, log_probabilities, probabilities):
+        """The loss from ``_pixel_terms``' outputs (``CrossEntropyPlusDice`` shares them)."""
+        del probabilities  # cross-entropy needs only the log-probabilities
         if self.class_weights is not None:
-            if len(self.class_weights) != y_pred.shape[-1]:
-                raise ValueError(f"class_weights must have one entry per class ({y_pred.shape[-1]}), "
+            if len(self.class_weights) != truth.shape[-1]:
+                raise ValueError(f"class_weights must have one entry per class ({truth.shape[-1]}), "
                                  f"got {len(self.class_weights)}")
-            weights = weights * tf.gather(tf.constant(self.class_weights, per_pixel.dtype), labels)
-        total = tf.reduce_sum(per_pixel * weights)
-        # The mean over counted pixels, returned once for the whole batch.
-        return tf.math.divide_no_nan(total, tf.reduce_sum(weights))[None]
+            # Each pixel's one-hot row now holds the weight of its true class.
+            truth = truth * tf.constant(self.class_weights, truth.dtype)  # [P, classes]
+        total = -tf.reduce_sum(truth * log_probabilities)
+        # The (weighted) mean over counted pixels, returned once for the whole batch.
+        return tf.math.divide_no_nan(total, tf.reduce_sum(truth))[None]
 
     def get_config(self):
         config = super().get_config()
@@ -230,12 +253,11 @@ class SoftDiceLoss(keras.losses.Loss):
         self.include_background = include_background
 
     def call(self, y_true, y_pred):
-        labels, scores, valid = _flatten_valid(y_true, y_pred, self.ignore_label)
-        num_classes = y_pred.shape[-1]
-        probabilities = tf.nn.softmax(scores, axis=-1) if self.from_logits else scores  # [P, classes]
-        keep = tf.cast(valid, probabilities.dtype)[:, None]  # [P, 1]; ignored pixels count nowhere
-        truth = tf.one_hot(tf.where(valid, labels, 0), num_classes, dtype=probabilities.dtype) * keep
-        probabilities = probabilities * keep
+        return self.from_pixel_terms(*_pixel_terms(y_true, y_pred, self.ignore_label, self.from_logits))
+
+    def from_pixel_terms(self, truth, log_probabilities, probabilities):
+        """The loss from ``_pixel_terms``' outputs (ignored pixels are zero in both)."""
+        del log_probabilities  # Dice needs only the probabilities
         intersection = tf.reduce_sum(probabilities * truth, axis=0)  # [classes]
         sizes = tf.reduce_sum(probabilities, axis=0) + tf.reduce_sum(truth, axis=0)  # [classes]
         dice = (2.0 * intersection + self.smooth) / (sizes + self.smooth)  # [classes]
@@ -267,7 +289,10 @@ class CrossEntropyPlusDice(keras.losses.Loss):
         self.dice = SoftDiceLoss(ignore_label=ignore_label)
 
     def call(self, y_true, y_pred):
-        return self.cross_entropy.call(y_true, y_pred) + self.dice_weight * self.dice.call(y_true, y_pred)
+        # One softmax and one one-hot truth serve both parts.
+        terms = _pixel_terms(y_true, y_pred, self.ignore_label, from_logits=True)
+        return (self.cross_entropy.from_pixel_terms(*terms)
+                + self.dice_weight * self.dice.from_pixel_terms(*terms))
 
     def get_config(self):
         config = super().get_config()
@@ -293,23 +318,47 @@ def get_loss(name: str, num_classes: int, class_weights=None):
 # Segmentation metrics
 # ---------------------------------------------------------------------------
 
-def confusion_matrix(y_true, y_pred_labels, num_classes: int, ignore_label: int = IGNORE_LABEL):
-    """Confusion matrix [num_classes, num_classes], rows = truth, columns = prediction.
+def confusion_matrix(y_true, y_pred_labels, num_classes: int, ignore_label: int = IGNORE_LABEL,
+                     sample_weight=None):
+    """Confusion matrix [num_classes, num_classes] float64, rows = truth, columns = prediction.
 
     ``y_true`` and ``y_pred_labels`` are integer label maps of the same
-    shape; pixels whose truth is ``ignore_label`` are not counted. Entry
-    (t, p) counts the pixels of true class t predicted as p: the product of
-    the one-hot truth (zeroed for ignored pixels) and the one-hot prediction,
-    summed over pixels, which is one matrix multiplication.
+    shape [batch, H, W]; entry (t, p) counts the pixels of true class t
+    predicted as p. Pixels whose truth is ``ignore_label`` are not counted,
+    nor, as in ``keras.metrics.MeanIoU``, pixels whose truth or prediction is
+    outside [0, num_classes). ``sample_weight`` (optional): a scalar, one
+    weight per image [batch], or weights broadcastable to [batch, H, W];
+    each pixel then adds its weight instead of 1.
+
+    One pass over the pixels: the pair (t, p) is the single number
+    ``t * num_classes + p``, and one ``unsorted_segment_sum`` adds up the
+    weights of each of the num_classes**2 numbers (no one-hot [pixels,
+    classes] tensors, no matrix product). Its output size is a constant, so
+    it also compiles with XLA (``tf.math.bincount``'s depends on the data).
     """
-    truth = tf.reshape(tf.cast(y_true, tf.int32), [-1])  # [P]
-    prediction = tf.reshape(tf.cast(y_pred_labels, tf.int32), [-1])  # [P]
-    valid = tf.cast(tf.not_equal(truth, ignore_label), tf.float32)[:, None]  # [P, 1]
-    truth_one_hot = tf.one_hot(truth, num_classes, dtype=tf.float32) * valid  # 255 -> all zeros anyway
-    prediction_one_hot = tf.one_hot(prediction, num_classes, dtype=tf.float32)
-    counts = tf.matmul(truth_one_hot, prediction_one_hot, transpose_a=True)  # [C, C]
-    # float32 counts are exact up to 2**24 pixels per batch; accumulate in float64.
-    return tf.cast(counts, tf.float64)
+    truth = tf.cast(tf.convert_to_tensor(y_true), tf.int32)
+    prediction = tf.cast(tf.convert_to_tensor(y_pred_labels), tf.int32)
+    if not truth.shape.is_compatible_with(prediction.shape):
+        raise ValueError(f"y_true and y_pred_labels must have the same shape, got {truth.shape} "
+                         f"and {prediction.shape}")
+    counted = (tf.not_equal(truth, ignore_label) & (truth >= 0) & (truth < num_classes)
+               & (prediction >= 0) & (prediction < num_classes))  # [batch, H, W]
+    weights = tf.cast(counted, tf.float64)
+    if sample_weight is not None:
+        sample_weight = tf.cast(tf.convert_to_tensor(sample_weight), tf.float64)
+        if sample_weight.shape.rank == 1 and truth.shape.rank > 1:
+            # One weight per image: [batch] -> [batch, 1, 1].
+            sample_weight = tf.reshape(sample_weight, [-1] + [1] * (truth.shape.rank - 1))
+        try:
+            weights = weights * sample_weight
+        except (ValueError, tf.errors.InvalidArgumentError) as error:
+            raise ValueError(f"sample_weight must be a scalar, [batch] or broadcastable to y_true "
+                             f"{truth.shape}, got shape {sample_weight.shape}") from error
+    # Pixels that do not count go to bin 0 with weight 0.
+    pairs = tf.where(counted, truth * num_classes + prediction, 0)  # [batch, H, W]
+    counts = tf.math.unsorted_segment_sum(tf.reshape(weights, [-1]), tf.reshape(pairs, [-1]),
+                                          num_classes * num_classes)  # [classes**2]
+    return tf.reshape(counts, [num_classes, num_classes])
 
 
 def iou_per_class(matrix):
@@ -339,7 +388,14 @@ def pixel_accuracy_from_confusion(matrix):
 
 
 class _ConfusionMatrixMetric(keras.metrics.Metric):
-    """Accumulates a confusion matrix over batches (logits or labels in)."""
+    """Accumulates a confusion matrix over batches (logits or labels in).
+
+    ``MeanIoU`` and ``PixelAccuracy`` are two readings of the same matrix.
+    Compiled together into one training step (``fit``'s ``tf.function``),
+    their updates are the same ops on the same inputs, and TensorFlow's graph
+    optimiser (common-subexpression elimination in Grappler, and in XLA)
+    runs the argmax and the counting once for both.
+    """
 
     def __init__(self, num_classes, ignore_label=IGNORE_LABEL, from_logits=True, name=None,
                  dtype=None):
@@ -354,19 +410,20 @@ class _ConfusionMatrixMetric(keras.metrics.Metric):
             name="total_confusion")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        """y_true [batch, H, W] labels; y_pred [batch, H, W, classes] scores (or labels
-        [batch, H, W] when ``from_logits=False``)."""
+        """y_true [batch, H, W] labels (or [batch, H, W, 1]); y_pred [batch, H, W, classes]
+        scores (or labels [batch, H, W] when ``from_logits=False``); sample_weight optional,
+        a scalar, [batch] or broadcastable to [batch, H, W] (as ``keras.metrics.MeanIoU``)."""
         y_true = tf.convert_to_tensor(y_true)
         y_pred = tf.convert_to_tensor(y_pred)
         if self.from_logits:
             _check_logits_and_labels(y_true, y_pred)
-            y_pred = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
+            y_pred = tf.argmax(y_pred, axis=-1, output_type=tf.int32)  # [batch, H, W]
         if tf.executing_eagerly():
             validate_mask_values(y_true.numpy(), self.num_classes, self.ignore_label, name="y_true")
         if y_true.shape.rank == y_pred.shape.rank + 1 and y_true.shape[-1] == 1:
             y_true = tf.squeeze(y_true, -1)
         self.total_confusion.assign_add(
-            confusion_matrix(y_true, y_pred, self.num_classes, self.ignore_label))
+            confusion_matrix(y_true, y_pred, self.num_classes, self.ignore_label, sample_weight))
 
     def reset_state(self):
         self.total_confusion.assign(tf.zeros_like(self.total_confusion))

@@ -119,16 +119,18 @@ def make_loss(config: Config, train: tf.data.Dataset, num_classes: int):
 
 
 def evaluate(model, dataset, num_classes):
-    """Validation mean IoU, pixel accuracy and per-class IoU over the whole split."""
+    """Validation mean IoU, pixel accuracy and per-class IoU over the whole split.
+
+    All three are read from one confusion matrix, accumulated once per batch.
+    """
     mean_iou = losses.MeanIoU(num_classes)
-    accuracy = losses.PixelAccuracy(num_classes)
     predict = tf.function(lambda images: model(images, training=False))
     for images, masks in dataset:
-        logits = predict(images)
-        mean_iou.update_state(masks, logits)
-        accuracy.update_state(masks, logits)
-    per_class = losses.iou_per_class(mean_iou.total_confusion).numpy()
-    return float(mean_iou.result()), float(accuracy.result()), per_class
+        mean_iou.update_state(masks, predict(images))
+    confusion = mean_iou.total_confusion
+    per_class = losses.iou_per_class(confusion).numpy()
+    return (float(mean_iou.result()), float(losses.pixel_accuracy_from_confusion(confusion)),
+            per_class)
 
 
 def save_prediction_grid(model, dataset, path, num_classes, rows=6):

@@ -1,9 +1,12 @@
 """Chapter 6 losses and metrics, each checked against an independent reference.
 
 Mean IoU vs keras.metrics.MeanIoU (also with ignored pixels, by dropping them
-before Keras sees them), PSNR vs tf.image.psnr, SSIM vs tf.image.ssim, the
-ignoring cross-entropy vs Keras' cross-entropy on the kept pixels, Dice vs a
-hand-computed example; bad masks raise ValueError.
+before Keras sees them, and with sample weights), the confusion matrix vs a
+NumPy count, pixel accuracy vs NumPy, both metrics alone and together under
+tf.function / XLA and inside fit; PSNR vs tf.image.psnr, SSIM vs
+tf.image.ssim, the ignoring cross-entropy (values and gradients) vs Keras'
+cross-entropy on the kept pixels, Dice vs a hand-computed example; bad masks
+raise ValueError.
 """
 
 import numpy as np
@@ -95,6 +98,112 @@ def test_metrics_in_compiled_fit_and_serialisable():
     assert 0.0 <= logs["mean_iou"][0] <= 1.0 and 0.0 <= logs["pixel_accuracy"][0] <= 1.0
 
 
+def _numpy_confusion(labels, predictions, weights, num_classes):
+    """Reference: add each counted pixel's weight at (truth, prediction), one pixel at a time."""
+    matrix = np.zeros((num_classes, num_classes))
+    for t, p, w in zip(labels.ravel(), predictions.ravel(), np.broadcast_to(weights, labels.shape).ravel()):
+        if 0 <= t < num_classes and 0 <= p < num_classes:
+            matrix[t, p] += w
+    return matrix
+
+
+def test_confusion_matrix_equals_numpy_count_with_weights_and_out_of_range():
+    labels, logits = _random_case(13, ignore_fraction=0.2)
+    predictions = np.argmax(logits, -1)
+    predictions[0, 0, :3] = [NUM_CLASSES, -1, NUM_CLASSES + 3]  # outside [0, classes): not counted
+    weights = np.random.default_rng(13).uniform(size=labels.shape)
+    for w in (None, 2.5, weights, np.array([0.5, 3.0])):
+        ours = losses.confusion_matrix(labels, predictions, NUM_CLASSES, sample_weight=w).numpy()
+        reference_weights = 1.0 if w is None else (w[:, None, None] if np.ndim(w) == 1 else w)
+        np.testing.assert_allclose(ours, _numpy_confusion(labels, predictions, reference_weights,
+                                                          NUM_CLASSES), rtol=1e-12)
+    with pytest.raises(ValueError, match="sample_weight"):
+        losses.confusion_matrix(labels, predictions, NUM_CLASSES, sample_weight=np.ones((3, 5)))
+    with pytest.raises(ValueError, match="same shape"):
+        losses.confusion_matrix(labels, predictions[:, :4], NUM_CLASSES)
+    # An empty batch is an empty matrix, not an error.
+    empty = losses.confusion_matrix(np.zeros((0, 8, 8), np.int32), np.zeros((0, 8, 8)), NUM_CLASSES)
+    np.testing.assert_array_equal(empty.numpy(), np.zeros((NUM_CLASSES, NUM_CLASSES)))
+
+
+def test_weighted_metrics_equal_keras_mean_iou_and_numpy_accuracy():
+    labels, logits = _random_case(14, ignore_fraction=0.2)
+    pixel_weights = np.random.default_rng(14).uniform(size=labels.shape).astype(np.float32)
+    image_weights = np.array([0.25, 2.0], np.float32)
+    keep = labels != 255
+    correct = np.argmax(logits, -1) == labels
+    for weights, per_pixel in ((pixel_weights, pixel_weights), (image_weights, np.broadcast_to(
+            image_weights[:, None, None], labels.shape)), (3.0, np.full(labels.shape, 3.0))):
+        ours = losses.MeanIoU(NUM_CLASSES)
+        ours.update_state(labels, logits, sample_weight=weights)
+        # Keras' default dtype (int) would truncate fractional weights.
+        reference = keras.metrics.MeanIoU(NUM_CLASSES, ignore_class=255, sparse_y_pred=False,
+                                          dtype="float64")
+        reference.update_state(labels, logits, sample_weight=per_pixel)
+        np.testing.assert_allclose(ours.result().numpy(), reference.result().numpy(), rtol=1e-6)
+        accuracy = losses.PixelAccuracy(NUM_CLASSES)
+        accuracy.update_state(labels, logits, sample_weight=weights)
+        expected = (per_pixel * correct * keep).sum() / (per_pixel * keep).sum()
+        np.testing.assert_allclose(accuracy.result().numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_metrics_alone_and_together_under_tf_function(jit_compile):
+    batches = [_random_case(20 + i, ignore_fraction=0.1) for i in range(2)]
+    eager = [losses.MeanIoU(NUM_CLASSES), losses.PixelAccuracy(NUM_CLASSES)]
+    alone = [losses.MeanIoU(NUM_CLASSES), losses.PixelAccuracy(NUM_CLASSES)]
+    together = [losses.MeanIoU(NUM_CLASSES), losses.PixelAccuracy(NUM_CLASSES)]
+    steps_alone = [tf.function(lambda y, p, m=m: m.update_state(y, p), jit_compile=jit_compile)
+                   for m in alone]
+
+    @tf.function(jit_compile=jit_compile)
+    def step_together(y, p):  # both in one graph, as in fit's train step
+        for metric in together:
+            metric.update_state(y, p)
+        return [metric.result() for metric in together]
+
+    for labels, logits in batches:
+        for metric, step in zip(eager, steps_alone):
+            metric.update_state(labels, logits)
+        for step in steps_alone:
+            step(labels, logits)
+        step_together(labels, logits)
+    for metrics in (alone, together):
+        for metric, reference in zip(metrics, eager):
+            np.testing.assert_allclose(metric.result().numpy(), reference.result().numpy(), rtol=1e-6)
+            np.testing.assert_array_equal(metric.total_confusion.numpy(),
+                                          reference.total_confusion.numpy())
+
+
+def test_metric_configs_round_trip():
+    for metric in (losses.MeanIoU(5, ignore_label=7, from_logits=False, name="iou"),
+                   losses.PixelAccuracy(5, ignore_label=7, from_logits=False, name="acc")):
+        restored = keras.metrics.deserialize(keras.metrics.serialize(metric))
+        assert type(restored) is type(metric)
+        assert restored.get_config() == metric.get_config()
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_metrics_logged_by_fit_equal_keras_on_the_same_predictions(jit_compile):
+    # Learning rate 0: the weights do not move, so the epoch's metrics are those of one model.
+    rng = np.random.default_rng(15)
+    inputs = keras.Input((8, 8, 2))
+    model = keras.Model(inputs, keras.layers.Conv2D(3, 1)(inputs))
+    model.compile(keras.optimizers.SGD(0.0), losses.CrossEntropyPlusDice(),
+                  metrics=[losses.MeanIoU(3), losses.PixelAccuracy(3)], jit_compile=jit_compile)
+    images = rng.normal(size=(12, 8, 8, 2)).astype(np.float32)
+    masks = rng.integers(0, 3, size=(12, 8, 8)).astype(np.int32)
+    masks[:, 0] = 255
+    logs = model.fit(images, masks, batch_size=4, epochs=1, verbose=0).history
+    logits = model.predict(images, verbose=0)
+    reference = keras.metrics.MeanIoU(3, ignore_class=255, sparse_y_pred=False)
+    reference.update_state(masks, logits)
+    np.testing.assert_allclose(logs["mean_iou"][0], reference.result().numpy(), rtol=1e-5)
+    keep = masks != 255
+    np.testing.assert_allclose(logs["pixel_accuracy"][0],
+                               np.mean(np.argmax(logits, -1)[keep] == masks[keep]), rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------
@@ -107,6 +216,35 @@ def test_cross_entropy_ignore_equals_keras_on_kept_pixels():
     np.testing.assert_allclose(ours.numpy(), expected.numpy(), rtol=1e-5)
     # Every pixel ignored: zero, not NaN.
     assert losses.SparseCrossEntropyIgnore()(np.full_like(labels, 255), logits).numpy() == 0.0
+
+
+def test_cross_entropy_gradient_equals_keras_on_kept_pixels():
+    labels, logits = _random_case(16, ignore_fraction=0.3)
+    keep = labels != 255
+    variable = tf.Variable(logits)
+    with tf.GradientTape() as tape:
+        ours = losses.SparseCrossEntropyIgnore()(labels, variable)
+    gradient = tape.gradient(ours, variable).numpy()
+    kept = tf.Variable(logits[keep])
+    with tf.GradientTape() as tape:
+        expected = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels[keep], kept)
+    np.testing.assert_allclose(gradient[keep], tape.gradient(expected, kept).numpy(), rtol=1e-4,
+                               atol=1e-7)
+    assert np.all(gradient[~keep] == 0)
+    # Probabilities in (from_logits=False) give the same loss as logits in.
+    probabilities = tf.nn.softmax(logits).numpy()
+    np.testing.assert_allclose(losses.SparseCrossEntropyIgnore(from_logits=False)(labels, probabilities),
+                               expected.numpy(), rtol=1e-5)
+
+
+def test_cross_entropy_plus_dice_is_the_sum_of_its_parts():
+    labels, logits = _random_case(17, ignore_fraction=0.2)
+    keep = labels != 255
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels[keep],
+                                                                                logits[keep])
+    dice = losses.SoftDiceLoss()(labels, logits)
+    np.testing.assert_allclose(losses.CrossEntropyPlusDice(dice_weight=0.5)(labels, logits).numpy(),
+                               cross_entropy.numpy() + 0.5 * dice.numpy(), rtol=1e-5)
 
 
 def test_weighted_cross_entropy_is_a_weighted_mean():
