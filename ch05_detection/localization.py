@@ -34,7 +34,8 @@ Two losses, selectable with `kind` (both average the per-image losses over the b
     "lecture": squared error over every output when p_c = 1, only (p̂_c - p_c)^2 when p_c = 0,
                on p̂_c = sigmoid(logit) and ĉ = softmax(logits) (the course's formula)
     "modern":  binary cross-entropy for p_c, cross-entropy for the class and smooth L1 for the box
-               (Girshick, "Fast R-CNN", ICCV 2015, eq. 2-3), the last two only when p_c = 1
+               (Girshick, "Fast R-CNN", ICCV 2015, eq. 2-3), the last two only when p_c = 1, each
+               with a weight (Fast R-CNN's lambda, eq. 1, balances its two terms the same way)
 
 Metrics (Keras metrics, logged during training as val_...): `presence_accuracy` (p̂_c > 0.5 vs
 p_c, all images), `class_accuracy` and `mean_iou` (box IoU) over the images *with* an object, and for
@@ -411,14 +412,15 @@ def _bce_with_logits(labels, logits):
 
 
 def localization_loss(y_true, y_pred, kind: str = "modern", box_weight: float = 1.0,
-                      beta: float = 0.1):
+                      beta: float = 0.1, class_weight: float = 1.0):
     """Per-image localization loss: [b, 5 + K] targets and raw outputs -> [b].
 
     "lecture": p = 1: sum_i (ŷ_i - y_i)^2 over all 5 + K outputs; p = 0: (p̂_c - p_c)^2, with
         p̂_c = sigmoid(logit), box as is, ĉ = softmax(class logits).
-    "modern": BCE(p̂_c, p_c) + p_c * [CE(class) + box_weight * sum smooth_l1(box error, beta)].
-    ``box_weight`` and ``beta`` are used by "modern" only (beta = 0.1 of the image side: squared below
-    about 6 pixels of a 64-pixel image, linear above).
+    "modern": BCE(p̂_c, p_c) + p_c * [class_weight * CE(class) + box_weight * sum smooth_l1(box
+        error, beta)].
+    ``box_weight``, ``beta`` and ``class_weight`` are used by "modern" only (beta = 0.1 of the image
+    side: squared below about 6 pixels of a 64-pixel image, linear above).
     """
     _check_kind(kind)
     y_true = tf.convert_to_tensor(y_true, tf.float32)
@@ -436,7 +438,7 @@ def localization_loss(y_true, y_pred, kind: str = "modern", box_weight: float = 
     presence_loss = _bce_with_logits(present, presence_logit)
     class_loss = tf.nn.softmax_cross_entropy_with_logits(labels=class_true, logits=class_logits)
     box_loss = tf.reduce_sum(smooth_l1(box_pred - box_true, beta), axis=-1)
-    return presence_loss + present * (class_loss + box_weight * box_loss)
+    return presence_loss + present * (class_weight * class_loss + box_weight * box_loss)
 
 
 def landmark_loss(y_true, y_pred, kind: str = "modern", num_landmarks: int = NUM_LANDMARKS,
@@ -475,17 +477,19 @@ def landmark_loss(y_true, y_pred, kind: str = "modern", num_landmarks: int = NUM
 class LocalizationLoss(keras.losses.Loss):
     """`localization_loss` as a Keras loss (mean over the batch): y_true [b, 5 + K], y_pred raw [b, 5 + K]."""
 
-    def __init__(self, kind="modern", box_weight=1.0, beta=0.1, name="localization_loss", **kwargs):
+    def __init__(self, kind="modern", box_weight=1.0, beta=0.1, class_weight=1.0,
+                 name="localization_loss", **kwargs):
         _check_kind(kind)
         super().__init__(name=name, **kwargs)
         self.kind, self.box_weight, self.beta = kind, float(box_weight), float(beta)
+        self.class_weight = float(class_weight)
 
     def call(self, y_true, y_pred):
-        return localization_loss(y_true, y_pred, self.kind, self.box_weight, self.beta)
+        return localization_loss(y_true, y_pred, self.kind, self.box_weight, self.beta, self.class_weight)
 
     def get_config(self):
         return {**super().get_config(), "kind": self.kind, "box_weight": self.box_weight,
-                "beta": self.beta}
+                "beta": self.beta, "class_weight": self.class_weight}
 
 
 @keras.saving.register_keras_serializable(package="ch05_detection")

@@ -167,7 +167,7 @@ def test_modern_localization_loss_against_keras_losses():
     y_true[np.arange(4), 5 + rng.integers(0, K, 4)] = 1
     y_pred = rng.normal(size=(6, 5 + K)).astype(np.float32) * 0.4
     y_pred[:, 1:5] = y_true[:, 1:5] + rng.normal(0, 0.15, size=(6, 4))  # some errors above beta
-    beta, box_weight = 0.1, 3.0
+    beta, box_weight, class_weight = 0.1, 3.0, 2.5
     bce = keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)
     ce = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
     huber = keras.losses.Huber(delta=beta, reduction=None)
@@ -175,12 +175,16 @@ def test_modern_localization_loss_against_keras_losses():
     for i in range(6):
         value = float(bce(y_true[i:i + 1, :1], y_pred[i:i + 1, :1])[0])
         if y_true[i, 0]:
-            value += float(ce(y_true[i:i + 1, 5:], y_pred[i:i + 1, 5:])[0])
+            value += class_weight * float(ce(y_true[i:i + 1, 5:], y_pred[i:i + 1, 5:])[0])
             # keras' Huber averages over the last axis; smooth L1 = Huber / beta, summed over 4.
             value += box_weight * 4 * float(huber(y_true[i:i + 1, 1:5], y_pred[i:i + 1, 1:5])[0]) / beta
         expected.append(value)
-    loss = loc.localization_loss(y_true, y_pred, "modern", box_weight=box_weight, beta=beta)
+    loss = loc.localization_loss(y_true, y_pred, "modern", box_weight=box_weight, beta=beta,
+                                 class_weight=class_weight)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # The lecture's squared error has no weights: class_weight changes nothing there.
+    np.testing.assert_allclose(loc.localization_loss(y_true, y_pred, "lecture", class_weight=5.0),
+                               loc.localization_loss(y_true, y_pred, "lecture"), rtol=1e-6)
     # No object: only the binary cross-entropy of p_c, log(1 + e^z).
     only_presence = loc.localization_loss(np.zeros((1, 5 + K)), [[2.0] + [7.0] * (4 + K)], "modern")
     np.testing.assert_allclose(only_presence, [math.log(1 + math.e ** 2)], rtol=1e-6)
@@ -213,7 +217,8 @@ def test_landmark_losses_by_hand_and_padding_never_counts():
     np.testing.assert_allclose(no_object, [0.25], rtol=1e-6)
 
 
-@pytest.mark.parametrize("loss", [loc.LocalizationLoss("lecture"), loc.LocalizationLoss("modern", 2.0, 0.2),
+@pytest.mark.parametrize("loss", [loc.LocalizationLoss("lecture"),
+                                  loc.LocalizationLoss("modern", 2.0, 0.2, class_weight=3.0),
                                   loc.LandmarkLoss("modern", num_landmarks=2, point_weight=3.0)])
 def test_loss_classes_average_over_the_batch_round_trip_and_trace(loss):
     size = 5 + K if isinstance(loss, loc.LocalizationLoss) else 7
@@ -537,6 +542,7 @@ def test_fast_run_writes_outputs_and_metrics_that_match_the_saved_model(task, ke
 @pytest.mark.parametrize("argv, option", [
     (["--task", "pose"], "--task"), (["--loss", "l2"], "--loss"), (["--image-size", "16"], "--image-size"),
     (["--beta", "0"], "--beta"), (["--num-train-examples", "8", "--batch-size", "16"], "--num-train-examples"),
+    (["--class-weight", "0"], "--class-weight"), (["--learning-rate", "-1"], "--learning-rate"),
 ])
 def test_bad_options_are_refused_naming_the_flag(argv, option, tmp_path, capsys):
     from ch05_detection import train_localizer
@@ -556,3 +562,22 @@ def test_default_out_has_one_folder_per_task():
     config = train_localizer.Config(task="landmarks", out="elsewhere")
     train_localizer.check_config(config)
     assert config.out == "elsewhere"
+
+
+def test_task_defaults_fill_only_what_the_user_left_unset():
+    from ch05_detection import train_localizer
+
+    for task in ("localization", "landmarks"):
+        config = train_localizer.Config(task=task)
+        train_localizer.check_config(config)
+        assert config.learning_rate == train_localizer.LEARNING_RATES[task]
+        assert config.coordinate_weight == train_localizer.COORDINATE_WEIGHTS[task]
+    # The landmark run keeps the learning rate its measured default run used.
+    assert train_localizer.LEARNING_RATES["landmarks"] == 2e-3
+    config = train_localizer.Config(learning_rate=1e-4, coordinate_weight=0.5)
+    train_localizer.check_config(config)
+    assert (config.learning_rate, config.coordinate_weight) == (1e-4, 0.5)
+    # The class weight reaches the loss the run trains with.
+    config = train_localizer.Config(class_weight=3.0)
+    train_localizer.check_config(config)
+    assert train_localizer.make_loss(config).get_config()["class_weight"] == 3.0
