@@ -14,7 +14,9 @@ Every chapter asks this module for data by name and gets back an *unbatched*
 Where the data come from:
 
 * ``shapes``, ``shapes_classification``, ``shapes_segmentation``: the embedded
-  synthetic scenes of ``common/synthetic.py`` (no download, the default).
+  synthetic scenes of ``common/synthetic.py`` (no download, the default), drawn
+  in parallel tf.data calls by ``generated_dataset`` (each example a pure
+  function of its index, so the order and the pixels never change).
 * ``shapes_localization``: zero or one shape per image, with its box, class
   and landmark points (localization and landmark detection, ch05).
 * ``digits``: scikit-learn's bundled 8x8 hand-written digits (no download).
@@ -42,12 +44,15 @@ values: data/README.md, "Mask values").
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
 import os
 import re
 import sys
+import threading
+import time
 import warnings
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -247,6 +252,185 @@ def _finish(dataset, image_size, channels, num_examples=None):
 # ---------------------------------------------------------------------------
 # Embedded data: synthetic shapes and scikit-learn digits
 # ---------------------------------------------------------------------------
+def _shapes_generator(name, split, seed, side, with_masks):
+    """``(make, signature)`` of one shapes variant: ``make(index)`` -> dict of NumPy arrays
+    (only the keys of ``signature``), a pure function of (index, split, seed)."""
+    image_spec = tf.TensorSpec([side, side, 3], tf.float32)
+    detection = {"image": image_spec, "boxes": tf.TensorSpec([None, 4], tf.float32),
+                 "classes": tf.TensorSpec([None], tf.int32)}
+    if name == "shapes":
+        signature = dict(detection)
+        if with_masks:
+            signature["masks"] = tf.TensorSpec([None, side, side], tf.uint8)
+
+        def make(index):
+            return synthetic.make_scene(index, split, seed, image_size=side)
+    elif name == "shapes_localization":
+        num_landmarks = synthetic.NUM_LANDMARKS
+        signature = dict(detection, landmarks=tf.TensorSpec([None, num_landmarks, 2], tf.float32),
+                         landmark_visibility=tf.TensorSpec([None, num_landmarks], tf.int32))
+
+        def make(index):
+            return synthetic.make_localization_example(index, split, seed, image_size=side)
+    elif name == "shapes_classification":
+        signature = {"image": image_spec, "label": tf.TensorSpec([], tf.int32)}
+
+        def make(index):
+            return synthetic.make_classification_example(index, split, seed, image_size=side)
+    else:
+        signature = {"image": image_spec, "mask": tf.TensorSpec([side, side], tf.int32)}
+
+        def make(index):
+            return synthetic.make_segmentation_example(index, split, seed, image_size=side)
+
+    def make_selected(index):
+        example = make(index)
+        return {key: example[key] for key in signature}
+
+    return make_selected, signature
+
+
+# Examples drawn per Python call inside the tf.data map of ``generated_dataset``: a chunk pays the
+# Python <-> TensorFlow crossing once instead of per example (bench/bench_synthetic.py measures it).
+SHAPES_CHUNK_SIZE = 8
+
+
+class _GeneratorCalls:
+    """Counts the Python calls of ``generated_dataset`` pipelines running in tf.data's threads.
+
+    A parallel map runs ahead of its reader. If the interpreter starts shutting down while such a
+    call is in flight (a script ends, or dies of an exception, with an iterator still alive), the
+    call's thread can never take the GIL back and the iterator's destructor waits for it forever:
+    the process hangs at exit. ``wait_at_exit`` (registered with ``atexit``, which runs before that
+    point) refuses new calls and waits until the running ones have returned.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running = 0
+        self.started = 0
+        self.exiting = False
+
+    def begin(self):
+        with self.lock:
+            if self.exiting:
+                raise RuntimeError("the interpreter is exiting: no more synthetic examples")
+            self.running += 1
+            self.started += 1
+
+    def end(self):
+        with self.lock:
+            self.running -= 1
+
+    def wait_at_exit(self, timeout=5.0, quiet=0.05):
+        with self.lock:
+            self.exiting = True
+            if not self.started:
+                return
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:  # until nothing runs and nothing started for `quiet` s
+            with self.lock:
+                state = (self.running, self.started)
+            if state[0] == 0 and state == last:
+                return
+            last = state
+            time.sleep(quiet)
+
+
+_GENERATOR_CALLS = _GeneratorCalls()
+atexit.register(_GENERATOR_CALLS.wait_at_exit)
+
+
+def generated_dataset(make, signature, num_examples, chunk_size=SHAPES_CHUNK_SIZE,
+                      num_parallel_calls=tf.data.AUTOTUNE):
+    """``make(0), make(1), ..., make(num_examples - 1)`` as a ``tf.data.Dataset``, in that order,
+    generated in parallel.
+
+    ``make(index)`` must be a pure function of the index returning a dict of NumPy arrays that
+    match ``signature`` (a dict of ``tf.TensorSpec``; a ``None`` leading dimension marks the
+    per-object keys, which all have the same length N in one example, N = 0 included). The
+    indices are cut into chunks of ``chunk_size``; ``Dataset.range`` over the chunk starts is
+    mapped by ``tf.numpy_function`` with ``num_parallel_calls`` chunks in flight and
+    ``deterministic=True`` (examples come out in index order whatever finishes first), then
+    unbatched. Per-object keys are padded to the longest example of their chunk and cut back to
+    each example's own N after the unbatch.
+
+    The Python function holds the GIL while it runs Python code; NumPy and OpenCV release it
+    inside their array loops, which is what two parallel calls gain from.
+    """
+    _check_positive(num_examples, "num_examples")
+    _check_positive(chunk_size, "chunk_size")
+    keys = tuple(signature)
+    ragged = tuple(key for key in keys if signature[key].shape.rank and
+                   signature[key].shape[0] is None)
+    for key in keys:
+        shape = signature[key].shape
+        if not (shape[1:] if key in ragged else shape).is_fully_defined():
+            raise ValueError(f"generated_dataset: signature[{key!r}] must have every dimension "
+                             f"known but the leading one of per-object keys, got {shape}")
+
+    def make_chunk(start):
+        _GENERATOR_CALLS.begin()
+        try:
+            return draw_chunk(int(start))
+        finally:
+            _GENERATOR_CALLS.end()
+
+    def draw_chunk(start):
+        examples = [make(index) for index in range(start, min(start + chunk_size, num_examples))]
+        # N of each example (per-object keys only), so they can be cut back after the unbatch.
+        counts = np.asarray([len(example[ragged[0]]) if ragged else 0 for example in examples],
+                            np.int32)
+        # At least one (padding) row: Dataset.unbatch crashes the process (segmentation fault,
+        # TF 2.21) on a component with zero elements, e.g. the boxes of a chunk of empty scenes.
+        longest = max(1, int(counts.max()))
+        outputs = []
+        for key in keys:
+            spec = signature[key]
+            dtype = spec.dtype.as_numpy_dtype
+            if key in ragged:  # [chunk, longest, ...], zeros after each example's own N
+                stacked = np.zeros((len(examples), longest) + tuple(spec.shape[1:]), dtype)
+                for row, example in enumerate(examples):
+                    value = np.asarray(example[key], dtype)
+                    if len(value) != counts[row]:
+                        raise ValueError(f"generated_dataset: {key!r} has {len(value)} rows but "
+                                         f"{ragged[0]!r} {counts[row]} in one example")
+                    stacked[row, :len(value)] = value
+            else:
+                stacked = np.stack([np.asarray(example[key], dtype) for example in examples])
+            outputs.append(stacked)
+        return outputs + [counts]
+
+    def call(start):
+        # stateful=False: the chunk is a pure function of its start index. A stateful function
+        # would run one call at a time once op determinism is on (the harness' default).
+        outputs = tf.numpy_function(
+            make_chunk, [start], [signature[key].dtype for key in keys] + [tf.int32],
+            stateful=False)
+        chunk = {}
+        for key, value in zip(keys, outputs[:-1]):
+            shape = signature[key].shape
+            value.set_shape([None] + ([None] + shape[1:].as_list() if key in ragged
+                                      else shape.as_list()))
+            chunk[key] = value
+        counts = outputs[-1]
+        counts.set_shape([None])
+        return chunk, counts
+
+    def cut(example, count):  # drop the chunk's padding rows of the per-object keys
+        return {key: example[key][:count] if key in ragged else example[key] for key in keys}
+
+    dataset = tf.data.Dataset.range(0, num_examples, chunk_size).map(
+        call, num_parallel_calls=num_parallel_calls, deterministic=True)
+    if ragged:
+        dataset = dataset.unbatch().map(cut, num_parallel_calls=tf.data.AUTOTUNE,
+                                        deterministic=True)
+    else:
+        dataset = dataset.unbatch().map(lambda example, count: example)
+    return dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
+
+
 def _load_shapes(name, split, image_size, num_examples, seed, with_masks, channels):
     if num_examples is None:
         num_examples = synthetic.DEFAULT_SPLIT_SIZES[split]
@@ -257,44 +441,8 @@ def _load_shapes(name, split, image_size, num_examples, seed, with_masks, channe
     else:
         side = max(16, *image_size)  # synthetic draws at least 16 x 16
     resize = None if image_size in (None, (side, side)) else image_size
-    image_spec = tf.TensorSpec([side, side, 3], tf.float32)
-
-    if name == "shapes":
-        signature = {"image": image_spec, "boxes": tf.TensorSpec([None, 4], tf.float32),
-                     "classes": tf.TensorSpec([None], tf.int32)}
-        if with_masks:
-            signature["masks"] = tf.TensorSpec([None, side, side], tf.uint8)
-
-        def generate():
-            for index in range(num_examples):
-                scene = synthetic.make_scene(index, split, seed, image_size=side)
-                yield {key: scene[key] for key in signature}
-    elif name == "shapes_localization":
-        num_landmarks = synthetic.NUM_LANDMARKS
-        signature = {"image": image_spec, "boxes": tf.TensorSpec([None, 4], tf.float32),
-                     "classes": tf.TensorSpec([None], tf.int32),
-                     "landmarks": tf.TensorSpec([None, num_landmarks, 2], tf.float32),
-                     "landmark_visibility": tf.TensorSpec([None, num_landmarks], tf.int32)}
-
-        def generate():
-            for index in range(num_examples):
-                yield synthetic.make_localization_example(index, split, seed, image_size=side)
-    elif name == "shapes_classification":
-        signature = {"image": image_spec, "label": tf.TensorSpec([], tf.int32)}
-
-        def generate():
-            for index in range(num_examples):
-                yield synthetic.make_classification_example(index, split, seed, image_size=side)
-    else:
-        signature = {"image": image_spec, "mask": tf.TensorSpec([side, side], tf.int32)}
-
-        def generate():
-            for index in range(num_examples):
-                yield synthetic.make_segmentation_example(index, split, seed, image_size=side)
-
-    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
-    return _finish(dataset, resize, channels)
+    make, signature = _shapes_generator(name, split, seed, side, with_masks)
+    return _finish(generated_dataset(make, signature, num_examples), resize, channels)
 
 
 def digits_split_indices(split: str) -> np.ndarray:
