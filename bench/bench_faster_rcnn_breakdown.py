@@ -65,10 +65,10 @@ def _partial_losses(model, images, gt_boxes, gt_classes, upto, step):
                                                                               tf.float32))
 
 
-def _train_step(model, optimizer, upto):
+def _train_step(model, optimizer, upto, jit_compile=False):
     variables = model.trainable_variables
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, jit_compile=jit_compile)
     def step(images, gt_boxes, gt_classes, step_number):
         with tf.GradientTape() as tape:
             if upto == "d":

@@ -274,6 +274,42 @@ class FasterRCNN(Detector):
         self.build_weights()  # (a subclass adding layers creates them there: Mask R-CNN)
         self.set_training_stage(training_stage or self.training_stage)
 
+    # ------------------------------------------------------------------ XLA
+    # ``compile(jit_compile=...)`` ends by setting this property: with XLA on (True after Keras
+    # resolved "auto"), the model switches to its XLA-compatible ops, else back to the default
+    # ones. (A property rather than a ``compile`` override: Keras restores the compile config of a
+    # saved model only when ``compile`` is its own.)
+    @property
+    def jit_compile(self):
+        return keras.Model.jit_compile.fget(self)
+
+    @jit_compile.setter
+    def jit_compile(self, value):
+        keras.Model.jit_compile.fset(self, value)
+        if hasattr(self, "proposal_layer"):  # Keras sets it once before the layers exist
+            self.use_xla_ops(self._jit_compile is True)
+
+    def use_xla_ops(self, enabled=True):
+        """Choose the ops of the step: XLA-compatible ones or TensorFlow's kernels.
+
+        With ``enabled``, every RoIAlign gathers its bilinear samples
+        (``roi_ops.roi_align_gather``) instead of calling ``tf.image.crop_and_resize``, and
+        the proposal layer runs one batched, static-shape NMS (``boxes.nms_padded``) instead
+        of ``tf.image.non_max_suppression`` image by image: neither kernel exists in XLA.
+        Both pairs give the same numbers (tested), so this changes speed, not results.
+        ``compile(jit_compile=True)`` calls it (see the ``jit_compile`` property). RoI
+        *pooling* (``roi_op="pool"``) does not compile: its cells gather a number of rows
+        that depends on the RoIs (a dynamic shape). Off by default (TensorFlow's kernels
+        are faster without XLA on a CPU: ``bench/bench_faster_rcnn_xla.py``).
+        """
+        for layer in self._flatten_layers():
+            if isinstance(layer, roi_ops.RoIAlign):
+                layer.set_implementation("gather" if enabled else "crop_and_resize")
+            elif isinstance(layer, rpn.ProposalLayer):
+                layer.set_nms("batched" if enabled else "per_image")
+        if hasattr(self, "_detect_function"):
+            del self._detect_function  # traced with the other ops
+
     # ------------------------------------------------------------------ stages
     def set_training_stage(self, stage):
         """Choose what ``fit`` trains: one of ``TRAINING_STAGES`` (see the module doc).

@@ -14,7 +14,10 @@ solve this; both take the backbone's feature map and a set of boxes and return o
   sampled at ``sampling_ratio x sampling_ratio`` regular points by bilinear
   interpolation, and the samples are averaged (or max-pooled). This keeps the exact
   position of the box, which matters for masks and small objects.
-  ``roi_align_reference`` is the plain NumPy version.
+  ``roi_align_reference`` is the plain NumPy version; ``roi_align`` samples with
+  ``tf.image.crop_and_resize``, and ``roi_align_gather`` computes the same numbers with
+  gathers of the four neighbours of every sample, which XLA can compile
+  (``crop_and_resize`` has no XLA kernel); the ``RoIAlign`` layer runs either.
 
 Boxes are **normalized** ``[ymin, xmin, ymax, xmax]`` relative to the image, the repo's
 data contract. They are mapped to the feature map by multiplying by its height and
@@ -42,6 +45,9 @@ import tensorflow as tf
 
 BIN_BOUNDARIES = ("floor", "caffe")
 POOLING_MODES = ("average", "max")
+# How RoIAlign samples: "crop_and_resize" (TensorFlow's kernel; no XLA kernel) or "gather"
+# (the bilinear interpolation written with gathers; compiles with XLA, e.g. on TPUs).
+ROI_ALIGN_IMPLEMENTATIONS = ("crop_and_resize", "gather")
 
 
 def _pair(value, name):
@@ -427,9 +433,126 @@ def roi_align(feature_map, rois, pool_size=(7, 7), sampling_ratio=2, aligned=Tru
     return tf.cast(pooled, feature_dtype)
 
 
+def _sample_positions(start, end, size, count, aligned):
+    """Continuous indices of ``count`` regular samples along one axis (TF, batched).
+
+    ``start``, ``end``: ``[batch, R]`` normalized box edges; ``size``: the map's extent
+    (float scalar). The rule of ``roi_align_reference`` (see there). Returns
+    ``[batch, R, count]``.
+    """
+    k = tf.range(count, dtype=tf.float32)  # [count]
+    start, end = start[..., tf.newaxis], end[..., tf.newaxis]  # [batch, R, 1]
+    if aligned:
+        extent = (end - start) * size
+        return start * size + (k + 0.5) * extent / count - 0.5
+    if count == 1:
+        return 0.5 * (start + end) * (size - 1.0) + 0.0 * k
+    return start * (size - 1.0) + k * (end - start) * (size - 1.0) / (count - 1)
+
+
+def _neighbours_and_weights(positions, size, aligned):
+    """The two neighbours and their bilinear weights of each sample along one axis.
+
+    ``positions`` ``[batch, R, n]`` continuous indices into an axis of ``size`` cells
+    (``size`` an int). Returns ``(low, high, low_weight, high_weight)``: int32 indices
+    ``[batch, R, n]`` of the cells below and above each sample and their weights
+    (``1 - d`` and ``d``, ``d`` the distance to ``low``), both 0 for a sample outside the
+    map, so that it reads 0 (the rule of ``_bilinear_reference``: with ``aligned``, up to
+    one cell outside is clamped to the border; without, anything outside
+    ``[0, size - 1]`` is outside).
+    """
+    last = float(size - 1)
+    if aligned:
+        inside = tf.logical_and(positions >= -1.0, positions <= float(size))
+        positions = tf.clip_by_value(positions, 0.0, last)
+    else:
+        inside = tf.logical_and(positions >= 0.0, positions <= last)
+        # Clamped only to keep the (zero-weighted) indices of outside samples in range.
+        positions = tf.clip_by_value(positions, 0.0, last)
+    low_float = tf.floor(positions)
+    high_weight = positions - low_float  # d in [0, 1)
+    low = tf.cast(low_float, tf.int32)
+    high = tf.minimum(low + 1, size - 1)
+    inside = tf.cast(inside, positions.dtype)
+    return low, high, (1.0 - high_weight) * inside, high_weight * inside
+
+
+def roi_align_gather(feature_map, rois, pool_size=(7, 7), sampling_ratio=2, aligned=True,
+                     pooling="average"):
+    """RoIAlign with the bilinear interpolation written as gathers (XLA-compatible).
+
+    The same numbers as ``roi_align`` (and ``roi_align_reference``), without
+    ``tf.image.crop_and_resize``, which has no XLA kernel: every sample point ``(y, x)``
+    is ``sum over its four neighbours of weight * feature``, the weights
+    ``(1 - dy)(1 - dx)``, ``(1 - dy) dx``, ``dy (1 - dx)`` and ``dy dx``. Bilinear
+    interpolation is separable, so we gather the two neighbouring *rows* of every sample
+    row and blend them (``[batch, R, ny, W, C]``), then the two neighbouring *columns* of
+    that and blend them (``[batch, R, ny, nx, C]``): the four-neighbour sum, with half
+    the gathered data. A sample outside the map gets weight 0 on both neighbours (reads
+    0). Every shape is static given the feature map's height and width, and the gradient
+    of a gather is a scatter-add onto the feature map, so it compiles with
+    ``tf.function(jit_compile=True)``: the way TPU implementations of RoIAlign work (e.g.
+    the TF Model Garden's ``multilevel_crop_and_resize``). With average pooling the
+    ``sampling_ratio`` sample rows of a bin are averaged before the column step (an
+    average of blends is a blend of averages), which saves half the column work.
+
+    Args and returns: as ``roi_align``. The feature map's height and width must be
+    known when tracing (the detector's are).
+    """
+    pool_height, pool_width = _pair(pool_size, "pool_size")
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"`pooling` must be one of {POOLING_MODES}, got {pooling!r}")
+    if int(sampling_ratio) < 1:
+        raise ValueError(f"`sampling_ratio` must be a positive int, got {sampling_ratio}")
+    s = int(sampling_ratio)
+    feature_map, rois = _check_inputs(feature_map, rois)
+    height, width = feature_map.shape[1], feature_map.shape[2]
+    if height is None or width is None:
+        raise ValueError("roi_align_gather needs a `feature_map` of static height and width, "
+                         f"got shape {feature_map.shape}; use roi_align (crop_and_resize) instead")
+    feature_dtype = feature_map.dtype
+    feature_map = tf.cast(feature_map, tf.float32)
+    ymin, xmin, ymax, xmax = tf.unstack(rois, num=4, axis=-1)  # [batch, R] each
+    ys = _sample_positions(ymin, ymax, float(height), pool_height * s, aligned)  # [b, R, ny]
+    xs = _sample_positions(xmin, xmax, float(width), pool_width * s, aligned)  # [b, R, nx]
+    top, bottom, top_weight, bottom_weight = _neighbours_and_weights(ys, height, aligned)
+    left, right, left_weight, right_weight = _neighbours_and_weights(xs, width, aligned)
+
+    # Rows: [batch, H, W, C] -> [batch, R, ny, W, C], blending the two neighbouring rows.
+    rows = (top_weight[..., None, None] * tf.gather(feature_map, top, axis=1, batch_dims=1)
+            + bottom_weight[..., None, None]
+            * tf.gather(feature_map, bottom, axis=1, batch_dims=1))
+    if pooling == "average":
+        # Average the s sample rows of each bin now: [batch, R, ph, W, C].
+        shape = tf.shape(rows)
+        rows = tf.reduce_mean(
+            tf.reshape(rows, tf.concat([shape[:2], [pool_height, s], shape[3:]], axis=0)),
+            axis=3)
+    # Columns: [batch, R, rows, W, C] -> [batch, R, rows, nx, C] (the same columns for
+    # every row of a RoI: gather along axis 3 with the RoI's column indices).
+    def columns(index):
+        return tf.gather(rows, index, axis=3, batch_dims=2)  # [batch, R, rows, nx, C]
+
+    samples = (left_weight[:, :, None, :, None] * columns(left)
+               + right_weight[:, :, None, :, None] * columns(right))
+    shape = tf.shape(samples)
+    binned = tf.reshape(samples, tf.concat([shape[:3], [pool_width, s], shape[4:]], axis=0))
+    if pooling == "average":
+        pooled = tf.reduce_mean(binned, axis=4)  # [batch, R, ph, pw, C]
+    else:
+        shape = tf.shape(binned)  # [batch, R, ph * s, pw, s, C]
+        binned = tf.reshape(binned, tf.concat(
+            [shape[:2], [pool_height, s], shape[3:]], axis=0))  # [b, R, ph, s, pw, s, C]
+        pooled = tf.reduce_max(binned, axis=[3, 5])
+    channels = feature_map.shape[-1]
+    if channels is not None:
+        pooled = tf.ensure_shape(pooled, [None, None, pool_height, pool_width, channels])
+    return tf.cast(pooled, feature_dtype)
+
+
 @keras.saving.register_keras_serializable(package="ch05_detection")
 class RoIAlign(keras.layers.Layer):
-    """RoIAlign, He et al. 2017 ("Mask R-CNN"), sec. 3, via ``tf.image.crop_and_resize``.
+    """RoIAlign, He et al. 2017 ("Mask R-CNN"), sec. 3.
 
     Input: ``feature_map [batch, H, W, C]`` and ``rois [batch, R, 4]`` normalized
     ``[ymin, xmin, ymax, xmax]`` boxes.
@@ -441,10 +564,14 @@ class RoIAlign(keras.layers.Layer):
         aligned: half-pixel correction (see ``roi_align``); False gives the plain
             crop_and_resize grid.
         pooling: ``"average"`` (Detectron's choice) or ``"max"`` over a bin's samples.
+        implementation: ``"crop_and_resize"`` (``roi_align``, TensorFlow's kernel) or
+            ``"gather"`` (``roi_align_gather``: the same numbers, and it compiles with XLA).
+            A model switches it with ``set_implementation`` (Faster R-CNN does when it is
+            compiled with ``jit_compile=True``).
     """
 
     def __init__(self, pool_size=(7, 7), sampling_ratio=2, aligned=True, pooling="average",
-                 **kwargs):
+                 implementation="crop_and_resize", **kwargs):
         super().__init__(**kwargs)
         self.pool_size = _pair(pool_size, "pool_size")
         if int(sampling_ratio) < 1:
@@ -454,10 +581,19 @@ class RoIAlign(keras.layers.Layer):
         self.sampling_ratio = int(sampling_ratio)
         self.aligned = bool(aligned)
         self.pooling = pooling
+        self.set_implementation(implementation)
+
+    def set_implementation(self, implementation):
+        """Choose ``"crop_and_resize"`` or ``"gather"`` (retrace any ``tf.function`` after)."""
+        if implementation not in ROI_ALIGN_IMPLEMENTATIONS:
+            raise ValueError(f"`implementation` must be one of {ROI_ALIGN_IMPLEMENTATIONS}, "
+                             f"got {implementation!r}")
+        self.implementation = implementation
 
     def call(self, feature_map, rois):
-        return roi_align(feature_map, rois, self.pool_size, self.sampling_ratio, self.aligned,
-                         self.pooling)
+        align = roi_align_gather if self.implementation == "gather" else roi_align
+        return align(feature_map, rois, self.pool_size, self.sampling_ratio, self.aligned,
+                     self.pooling)
 
     def compute_output_shape(self, feature_map_shape, rois_shape):
         return (feature_map_shape[0], rois_shape[1], *self.pool_size, feature_map_shape[-1])
@@ -465,5 +601,6 @@ class RoIAlign(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(pool_size=list(self.pool_size), sampling_ratio=self.sampling_ratio,
-                      aligned=self.aligned, pooling=self.pooling)
+                      aligned=self.aligned, pooling=self.pooling,
+                      implementation=self.implementation)
         return config

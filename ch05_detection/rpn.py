@@ -18,7 +18,9 @@ reader can copy one at a time:
 * ``ProposalLayer``: turn scores and deltas into proposals: decode, clip to the
   image, drop tiny boxes, keep the top-N scores, NMS at IoU 0.7, keep the top-N
   again; fewer boxes at inference than in training (sec. 3.3). Gradients do not flow
-  through the proposal coordinates (approximate joint training, sec. 3.2).
+  through the proposal coordinates (approximate joint training, sec. 3.2). Its NMS runs
+  image by image (``tf.image.non_max_suppression``) or, for XLA, batched with static
+  shapes (``boxes.nms_padded``): the same proposals.
 
 We use one sigmoid logit per anchor instead of the paper's two-way softmax; the paper
 notes both are possible ("for simplicity we implement the cls layer as a two-class
@@ -48,6 +50,8 @@ DEFAULT_POSITIVE_FRACTION = 0.5
 # The RPN regresses offsets of the same scale as the anchors; unit weights as in the
 # paper's RPN (the detection head uses the (10, 10, 5, 5) weights).
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+# How the proposal layer runs NMS (see ProposalLayer).
+NMS_IMPLEMENTATIONS = ("per_image", "batched")
 
 
 # ----------------------------------------------------------------------------------
@@ -240,11 +244,15 @@ class ProposalLayer(keras.layers.Layer):
         nms_iou_threshold: NMS overlap threshold.
         min_size: minimum proposal height and width (normalized units).
         box_weights: weights of the RPN box encoding.
+        nms: ``"per_image"``: ``tf.image.non_max_suppression`` image by image
+            (``tf.map_fn``; TensorFlow's fast kernel, no XLA kernel) or ``"batched"``:
+            ``boxes.nms_padded``, the same boxes for the whole batch with static shapes
+            (compiles with XLA). A model switches it with ``set_nms``.
     """
 
     def __init__(self, pre_nms_top_n_train=1000, post_nms_top_n_train=300,
                  pre_nms_top_n_test=600, post_nms_top_n_test=100, nms_iou_threshold=0.7,
-                 min_size=1.0 / 64.0, box_weights=RPN_BOX_WEIGHTS, **kwargs):
+                 min_size=1.0 / 64.0, box_weights=RPN_BOX_WEIGHTS, nms="per_image", **kwargs):
         super().__init__(**kwargs)
         for name, value in [("pre_nms_top_n_train", pre_nms_top_n_train),
                             ("post_nms_top_n_train", post_nms_top_n_train),
@@ -261,6 +269,13 @@ class ProposalLayer(keras.layers.Layer):
         self.nms_iou_threshold = float(nms_iou_threshold)
         self.min_size = float(min_size)
         self.box_weights = tuple(float(w) for w in box_weights)
+        self.set_nms(nms)
+
+    def set_nms(self, nms):
+        """``"per_image"`` or ``"batched"`` NMS (see the class doc); retrace after a change."""
+        if nms not in NMS_IMPLEMENTATIONS:
+            raise ValueError(f"`nms` must be one of {NMS_IMPLEMENTATIONS}, got {nms!r}")
+        self.nms = nms
 
     def counts(self, training):
         """``(pre_nms_top_n, post_nms_top_n)`` for training or inference."""
@@ -285,7 +300,9 @@ class ProposalLayer(keras.layers.Layer):
             box_ops.decode_boxes(box_deltas, anchors[None], weights=self.box_weights))
         big_enough = box_ops.box_size_mask(decoded, self.min_size)  # [batch, A]
         scores = tf.where(big_enough, scores, -1.0)
-        top_n = tf.minimum(pre_nms_top_n, tf.shape(scores)[1])
+        num_anchors = scores.shape[1]  # static when the image size is (static k for XLA)
+        top_n = (min(pre_nms_top_n, num_anchors) if num_anchors is not None
+                 else tf.minimum(pre_nms_top_n, tf.shape(scores)[1]))
         top_scores, top_index = tf.math.top_k(scores, k=top_n)  # [batch, n]
         top_boxes = tf.gather(decoded, top_index, batch_dims=1)  # [batch, n, 4]
         return top_boxes, top_scores
@@ -294,6 +311,16 @@ class ProposalLayer(keras.layers.Layer):
         _, post_nms_top_n = self.counts(training)
         top_boxes, top_scores = self.decode_and_filter(objectness_logits, box_deltas, anchors,
                                                        training=training)
+        if self.nms == "batched":
+            # One call for the batch, static shapes; score_threshold 0 removes the dropped
+            # (-1) boxes, as below.
+            keep, num_valid = box_ops.nms_padded(top_boxes, top_scores, self.nms_iou_threshold,
+                                                 post_nms_top_n, score_threshold=0.0)
+            valid = tf.range(post_nms_top_n)[None, :] < num_valid[:, None]  # [batch, P]
+            proposals = tf.where(valid[..., None],
+                                 tf.gather(top_boxes, keep, batch_dims=1), 0.0)
+            scores = tf.where(valid, tf.gather(top_scores, keep, batch_dims=1), 0.0)
+            return proposals, scores, num_valid
 
         def one_image(inputs):
             image_boxes, image_scores = inputs
@@ -325,6 +352,7 @@ class ProposalLayer(keras.layers.Layer):
             nms_iou_threshold=self.nms_iou_threshold,
             min_size=self.min_size,
             box_weights=list(self.box_weights),
+            nms=self.nms,
         )
         return config
 

@@ -29,7 +29,10 @@ from the seed ``(seed, stream, t, global index of i)`` (``image_seeds``). Under
 ``tf.distribute`` the global index is ``replica_id * per_replica_batch + i``
 (``global_image_index``), so one replica with a global batch of 8 and two replicas
 with 4 images each sample exactly the same anchors, and a resumed run samples what
-an uninterrupted one would.
+an uninterrupted one would. The random numbers are TensorFlow's own
+(``tf.random.stateless_uniform``), drawn so that a step compiled with XLA gets the same
+bits (``stateless_uniform``), and the sampler keeps the candidates with the largest
+numbers with ``top_k`` (``keep_largest``) rather than full sorts.
 
 Two helpers make hand-written losses correct under ``tf.distribute`` (the optimizer
 sums the gradients of the replicas):
@@ -291,16 +294,115 @@ def image_seeds(step, image_index, seed=0, stream=0):
         ``[batch, 2]`` int seeds for ``tf.random.stateless_*``.
     """
     base = tf.stack([tf.constant(int(seed), tf.int64), tf.constant(int(stream), tf.int64)])
-    step_seed = tf.random.experimental.stateless_fold_in(base, tf.cast(step, tf.int64))
+    step_seed = stateless_fold_in(base, tf.cast(step, tf.int64))
     image_index = tf.cast(tf.convert_to_tensor(image_index), tf.int64)
-    return tf.map_fn(lambda index: tf.random.experimental.stateless_fold_in(step_seed, index),
-                     image_index, fn_output_signature=step_seed.dtype)
+    # stateless_fold_in(step_seed, index) for every image: [random int64 of step_seed, index],
+    # the random part the same for all images (drawn once).
+    first = _random_bits([], step_seed, tf.int64)
+    return tf.stack([tf.fill(tf.shape(image_index), first), image_index], axis=1)
+
+
+# Philox-4x32 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"): the
+# multipliers and round constants, and the key TensorFlow's CPU kernels start from.
+_PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_ROUND_CONSTANTS = (0x9E3779B9, 0xBB67AE85)
+_TF_SEED_KEY = (0x3EC8F720, 0x02461E29)
+_LOW_32 = 0xFFFFFFFF
+
+
+def _philox_rounds(counter, key):
+    """Ten rounds of Philox-4x32 on four uint32 words with a two-word key (TF ops)."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+
+    def multiply(word, multiplier):  # 32 x 32 -> 64 bits: (high, low) words
+        product = tf.cast(word, tf.uint64) * tf.constant(multiplier, tf.uint64)
+        high = tf.bitwise.right_shift(product, tf.constant(32, tf.uint64))
+        low = tf.bitwise.bitwise_and(product, tf.constant(_LOW_32, tf.uint64))
+        return tf.cast(high, tf.uint32), tf.cast(low, tf.uint32)
+
+    for _ in range(10):
+        high0, low0 = multiply(c0, _PHILOX_MULTIPLIERS[0])
+        high1, low1 = multiply(c2, _PHILOX_MULTIPLIERS[1])
+        c0, c1, c2, c3 = (tf.bitwise.bitwise_xor(tf.bitwise.bitwise_xor(high1, c1), k0), low1,
+                          tf.bitwise.bitwise_xor(tf.bitwise.bitwise_xor(high0, c3), k1), low0)
+        k0 = k0 + tf.constant(_PHILOX_ROUND_CONSTANTS[0], tf.uint32)
+        k1 = k1 + tf.constant(_PHILOX_ROUND_CONSTANTS[1], tf.uint32)
+    return c0, c1, c2, c3
+
+
+def _key_and_counter(seed):
+    """The Philox key and counter TensorFlow's CPU kernels derive from ``[..., 2]`` int64 seeds.
+
+    XLA derives them from the low 32 bits of each seed word only, so for seeds beyond 32
+    bits (every seed ``image_seeds`` makes) a compiled step would draw other numbers. We
+    derive them as the CPU kernel does (one Philox block of the seed's four 32-bit words
+    under a fixed key), then hand them to the random op explicitly.
+
+    Returns:
+        ``(key, counter)``: uint64 ``[..., 1]`` and ``[..., 2]``.
+    """
+    seed = tf.bitcast(tf.cast(seed, tf.int64), tf.uint64)  # [..., 2]
+
+    def split(word):
+        low = tf.cast(tf.bitwise.bitwise_and(word, tf.constant(_LOW_32, tf.uint64)), tf.uint32)
+        high = tf.cast(tf.bitwise.right_shift(word, tf.constant(32, tf.uint64)), tf.uint32)
+        return low, high
+
+    def join(low, high):
+        return tf.bitwise.bitwise_or(tf.cast(low, tf.uint64), tf.bitwise.left_shift(
+            tf.cast(high, tf.uint64), tf.constant(32, tf.uint64)))
+
+    mixed = _philox_rounds((*split(seed[..., 0]), *split(seed[..., 1])),
+                           tuple(tf.constant(k, tf.uint32) for k in _TF_SEED_KEY))
+    key = join(mixed[0], mixed[1])[..., tf.newaxis]
+    counter = tf.stack([tf.zeros_like(key[..., 0]), join(mixed[2], mixed[3])], axis=-1)
+    return key, counter
+
+
+def _random_bits(shape, seed, dtype, key_and_counter=None):
+    """``tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=dtype)``
+    (full-range integers) for one ``[2]`` seed, bit for bit, with and without XLA."""
+    key, counter = key_and_counter or _key_and_counter(seed)
+    return tf.raw_ops.StatelessRandomUniformFullIntV2(shape=shape, key=key, counter=counter,
+                                                      alg=1, dtype=dtype)  # alg 1: Philox
+
+
+def _bits_to_uniform(words):
+    """uint32 words -> floats in [0, 1) as TensorFlow's CPU kernel converts them: the low 23
+    bits become the mantissa of a float in [1, 2), minus 1."""
+    mantissa = tf.bitwise.bitwise_and(words, tf.constant(0x7FFFFF, tf.uint32))
+    one_to_two = tf.bitwise.bitwise_or(mantissa, tf.constant(0x3F800000, tf.uint32))
+    return tf.bitcast(one_to_two, tf.float32) - 1.0
+
+
+def stateless_fold_in(seed, data):
+    """``tf.random.experimental.stateless_fold_in(seed, data)``, bit for bit, also under XLA:
+    the new seed ``[random int64 from seed, data]``."""
+    data = tf.cast(data, tf.int64)
+    return tf.stack([_random_bits([], seed, tf.int64), data])
+
+
+def stateless_uniform(shape, seed):
+    """``tf.random.stateless_uniform(shape, seed)`` (floats in [0, 1)), bit for bit, also under XLA.
+
+    TensorFlow's CPU kernel and XLA turn a seed into random words differently
+    (``_key_and_counter``) and those words into floats differently, so a sampler compiled
+    with ``jit_compile=True`` would pick other anchors than the same step without XLA. We
+    draw the words as the CPU kernel does and convert them as it does
+    (``_bits_to_uniform``).
+    """
+    return _bits_to_uniform(_random_bits(shape, seed, tf.uint32))
 
 
 def uniform_per_image(seeds, num_values):
-    """``[batch, num_values]`` uniform numbers in [0, 1), row ``b`` from ``seeds[b]``."""
-    return tf.map_fn(lambda seed: tf.random.stateless_uniform([num_values], seed=seed),
-                     seeds, fn_output_signature=tf.float32)
+    """``[batch, num_values]`` uniform numbers in [0, 1), row ``b`` from ``seeds[b]``
+    (``stateless_uniform``: the same numbers with and without XLA)."""
+    keys, counters = _key_and_counter(seeds)  # all images at once: [batch, 1], [batch, 2]
+    words = tf.map_fn(
+        lambda key_counter: _random_bits([num_values], None, tf.uint32, key_counter),
+        (keys, counters), fn_output_signature=tf.uint32)
+    return _bits_to_uniform(words)
 
 
 def _as_image_seeds(seed, batch_size):
@@ -352,14 +454,37 @@ def sample_balanced(labels, num_samples, positive_fraction, seed=None):
     num_negative = tf.minimum(tf.reduce_sum(tf.cast(negative, tf.int32), axis=1),
                               num_samples - num_positive)
 
-    def random_rank(mask):
-        # Rank 0 = candidate with the largest random number; non-candidates rank last.
-        order = tf.argsort(tf.where(mask, random, -1.0), axis=1, direction="DESCENDING")
-        return tf.argsort(order, axis=1)  # the inverse permutation: rank of each candidate
-
-    keep_positive = tf.logical_and(positive, random_rank(positive) < num_positive[:, None])
-    keep_negative = tf.logical_and(negative, random_rank(negative) < num_negative[:, None])
+    num_candidates = labels.shape[1]
+    keep_positive = keep_largest(positive, random, num_positive, max_positive, num_candidates)
+    keep_negative = keep_largest(negative, random, num_negative, int(num_samples), num_candidates)
     return tf.where(keep_positive, POSITIVE, tf.where(keep_negative, NEGATIVE, IGNORED))
+
+
+def keep_largest(mask, random, count, max_count, num_candidates=None):
+    """The ``count[b]`` candidates of image ``b`` (where ``mask``) with the largest ``random``.
+
+    Equal numbers: the lower index wins (the order of a stable descending sort). Only the
+    best ``max_count`` (a Python int >= every ``count``) are ever needed, so ``top_k``
+    finds them (a partial sort, with a static ``k``: XLA-friendly) and a scatter marks them.
+
+    Args:
+        mask: ``[batch, A]`` bool candidates; random: ``[batch, A]`` numbers in [0, 1).
+        count: ``[batch]`` int32 how many to keep (at most the number of candidates).
+        max_count: upper bound on ``count``.
+        num_candidates: ``A`` if known when tracing (None: read from ``mask``).
+    Returns:
+        ``[batch, A]`` bool.
+    """
+    num_candidates = num_candidates or mask.shape[1]
+    if num_candidates is None:
+        k = tf.minimum(int(max_count), tf.shape(mask)[1])
+    else:
+        k = min(int(max_count), int(num_candidates))
+    # Non-candidates get -1, below every random number, so they come last.
+    _, best = tf.math.top_k(tf.where(mask, random, -1.0), k=k)  # [batch, k]
+    chosen = tf.range(k)[None, :] < count[:, None]  # the first count[b] of them
+    batch_index = tf.broadcast_to(tf.range(tf.shape(mask)[0])[:, None], tf.shape(best))
+    return tf.scatter_nd(tf.stack([batch_index, best], axis=-1), chosen, tf.shape(mask))
 
 
 # ----------------------------------------------------------------------------------

@@ -131,7 +131,8 @@ def train(run, model, train, num_train, val_examples, num_classes):
             # Gradient clipping keeps the first steps (random proposals) from exploding.
             model.compile(optimizer=run.optimizer(steps_per_epoch, "adam", epochs=epochs, clipnorm=10.0,
                                                   alpha=0.02),
-                          jit_compile=False)  # NMS and the per-image sampling do not compile on the CPU
+                          # auto: off, XLA measured slower on the CPU (bench/bench_faster_rcnn_xla.py)
+                          jit_compile=run.jit_compile_for("faster_rcnn"))
         callbacks = []
         if config.eval_every and stage in ("joint", "detector", "detector_finetune"):
             callbacks.append(detection_run.MapCallback(eval_subset, num_classes, config.eval_every))

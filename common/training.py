@@ -28,7 +28,8 @@ the plumbing around ``fit`` lives here, written once:
   ``--cpu-replicas N``). Models are built and compiled inside ``run.strategy.scope()`` and
   ``--batch-size`` is the *global* batch. ``multi_worker_mirrored`` (several machines) is refused with
   the reason: Keras 3.15's ``fit`` fails under it (keras-team/keras#20585).
-* **XLA** (``--jit-compile auto|on|off``).
+* **XLA** (``--jit-compile auto|on|off``); for a model a benchmark timed both ways, ``auto`` follows
+  the measurement (``JIT_MEASURED_FASTER``, ``run.jit_compile_for(name)``).
 * **determinism** (``--deterministic``, on by default): seeded, and TensorFlow's deterministic kernels,
   so the same command gives the same weights, and a resumed run the uninterrupted one's. On this CPU
   it costs a few percent of step time.
@@ -67,6 +68,11 @@ from common import config as config_lib
 
 STRATEGIES = ("default", "mirrored", "multi_worker_mirrored")
 JIT_CHOICES = ("auto", "on", "off")
+# What `--jit-compile auto` does for a model that a benchmark timed with and without XLA on this
+# repo's reference machine (a 2-core CPU): True = XLA measured faster, so auto turns it on. Faster
+# R-CNN: bench/bench_faster_rcnn_xla.py measured the XLA-compiled step slower (bench/RESULTS.md,
+# "Faster R-CNN with XLA"). Re-run the benchmark on a GPU and change the entry there if it wins.
+JIT_MEASURED_FASTER = {"faster_rcnn": False}
 OPTIMIZERS = ("adam", "sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 # Options that may differ between a run and its resumption: they change nothing that is computed.
@@ -149,6 +155,11 @@ def check_shared_options(config):
         fail(f"--strategy must be one of {STRATEGIES}, got {config.strategy!r}")
     if config.jit_compile not in JIT_CHOICES:
         fail(f"--jit-compile must be one of {JIT_CHOICES}, got {config.jit_compile!r}")
+    if config.jit_compile == "on" and getattr(config, "deterministic", False):
+        # Keras turns XLA off without a word while TensorFlow's op determinism is on (not every
+        # op has a deterministic XLA kernel): say so instead of training without it.
+        fail("--jit-compile on needs --no-deterministic: Keras keeps XLA off while op determinism "
+             "is on")
     if config.strategy == "multi_worker_mirrored":
         # Tried here with two worker processes on localhost: Keras 3.15's fit fails under
         # MultiWorkerMirroredStrategy, first in its symbolic build (a PerReplica batch it cannot
@@ -468,12 +479,22 @@ def _make_recorder(run, stage, planned_epochs, steps_per_epoch, budget_seconds, 
         def on_epoch_begin(self, epoch, logs=None):
             self._start = time.perf_counter()
             self._first_batch_seconds = None
+            self._first_test_batch_seconds = None
 
         def on_train_batch_end(self, batch, logs=None):
             # The first step of a process also traces (and compiles) the step: time it apart.
             if batch == 0 and not getattr(self, "_traced", False):
                 self._first_batch_seconds = time.perf_counter() - self._start
                 self._traced = True
+
+        def on_test_begin(self, logs=None):
+            self._test_start = time.perf_counter()
+
+        def on_test_batch_end(self, batch, logs=None):
+            # So does the first validation step (inside the first epoch's seconds): time it apart too.
+            if batch == 0 and not getattr(self, "_test_traced", False):
+                self._first_test_batch_seconds = time.perf_counter() - self._test_start
+                self._test_traced = True
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self._start
@@ -490,11 +511,14 @@ def _make_recorder(run, stage, planned_epochs, steps_per_epoch, budget_seconds, 
             if budget_seconds:
                 done = epoch + 1
                 spent = state["stage_seconds"][stage]
-                # The cost of the next epochs: the last epoch's, without the tracing of the first step.
+                # The cost of the next epochs: the last epoch's, without the tracing of the first
+                # training and validation steps (each counted as one ordinary training step).
                 per_epoch = seconds
-                if self._first_batch_seconds is not None and steps_per_epoch > 1:
-                    rest = max(seconds - self._first_batch_seconds, 0.0)
-                    per_epoch = rest * steps_per_epoch / (steps_per_epoch - 1)
+                traced = [t for t in (self._first_batch_seconds, self._first_test_batch_seconds)
+                          if t is not None]
+                if traced and steps_per_epoch > len(traced):
+                    rest = max(seconds - sum(traced), 0.0)
+                    per_epoch = rest * steps_per_epoch / (steps_per_epoch - len(traced))
                 affordable = done + int(max(0.0, budget_seconds - spent) // max(per_epoch, 1e-9))
                 if affordable < stage_state["last_epoch"]:
                     stage_state["last_epoch"] = max(done, affordable)
@@ -549,6 +573,18 @@ class Run:
     def jit_compile(self):
         """``compile(jit_compile=...)``: "auto" for ``auto`` (Keras decides per model), else a bool."""
         return {"auto": "auto", "on": True, "off": False}[self.config.jit_compile]
+
+    def jit_compile_for(self, model_name: str):
+        """``compile(jit_compile=...)`` for a model with a measured XLA verdict.
+
+        ``on`` / ``off`` as asked; ``auto``: ``JIT_MEASURED_FASTER[model_name]`` (XLA only where a
+        benchmark found the compiled step faster), or Keras' own rule ("auto": XLA only on a GPU)
+        for a model with no entry. Keras keeps XLA off while op determinism is on, so
+        ``--jit-compile on`` needs ``--no-deterministic``.
+        """
+        if self.config.jit_compile != "auto" or model_name not in JIT_MEASURED_FASTER:
+            return self.jit_compile
+        return bool(JIT_MEASURED_FASTER[model_name])
 
     def initial_epoch(self, stage: str = "main") -> int:
         return int(self.state["stages"].get(stage, {}).get("epochs_done", 0))

@@ -294,3 +294,63 @@ def test_match_shared_anchors_with_batched_gt():
         single_index, single_labels = B.match_boxes(anchors, gt[i], valid[i])
         np.testing.assert_array_equal(labels[i], single_labels)
         np.testing.assert_array_equal(index[i], single_index)
+
+
+# ------------------------------------------------------------------ batched NMS (XLA)
+def test_nms_padded_by_hand():
+    """The worked example of test_nms_by_hand as a batch of two images, one of them empty
+    (every score at the threshold), padded to 3 slots."""
+    boxes = np.array([[0, 0, 1, 1], [0, 0.1, 1, 1.1], [0, 2, 1, 3], [0, 2.5, 1, 3.5]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.95], np.float32)
+    indices, count = B.nms_padded(np.stack([boxes, boxes]), np.stack([scores, 0 * scores]),
+                                  0.3, 3, score_threshold=0.0)
+    np.testing.assert_array_equal(count, [2, 0])
+    np.testing.assert_array_equal(indices, [[3, 0, 0], [0, 0, 0]])
+
+
+def test_nms_padded_equals_tensorflow_greedy_nms():
+    """Against tf.image.non_max_suppression image by image, with tied scores, zero-size and
+    swapped-corner boxes, score thresholds, max_output_size above and below the box count
+    and several tile sizes (suppression across tiles and inside one)."""
+    rng = np.random.default_rng(8)
+    for trial in range(24):
+        count, batch = int(rng.integers(1, 300)), 3
+        boxes = random_boxes(rng, count, batch_shape=(batch,), min_size=0.02)
+        boxes[:, ::11, 2] = boxes[:, ::11, 0]  # zero height
+        boxes[:, ::13] = boxes[:, ::13][..., [2, 3, 0, 1]]  # swapped corners
+        scores = rng.uniform(-0.2, 1.0, size=(batch, count)).astype(np.float32)
+        scores[:, ::4] = np.round(scores[:, ::4], 1)  # ties
+        iou_threshold = float(rng.choice([0.3, 0.5, 0.7]))
+        max_output = int(rng.integers(1, count + 20))
+        score_threshold = 0.0 if trial % 2 else float("-inf")
+        indices, num_valid = B.nms_padded(boxes, scores, iou_threshold, max_output,
+                                          score_threshold, tile_size=int(rng.choice([8, 64, 256])))
+        assert indices.shape == (batch, max_output)
+        for b in range(batch):
+            # B.nms: tf.image.non_max_suppression after collapsing swapped corners.
+            expected = B.nms(boxes[b], scores[b], iou_threshold, max_output, score_threshold)
+            if trial % 3 == 0:  # TensorFlow's kernel itself where no corner is swapped
+                plain = tf.image.non_max_suppression(
+                    np.delete(boxes[b], np.s_[::13], axis=0), np.delete(scores[b], np.s_[::13]),
+                    max_output, iou_threshold, score_threshold)
+                kept, _ = B.nms_padded(np.delete(boxes[b], np.s_[::13], axis=0)[None],
+                                       np.delete(scores[b], np.s_[::13])[None], iou_threshold,
+                                       max_output, score_threshold)
+                np.testing.assert_array_equal(kept[0, :len(plain)], plain)
+            np.testing.assert_array_equal(indices[b, :num_valid[b]], expected)
+            np.testing.assert_array_equal(indices[b, num_valid[b]:], 0)
+
+
+def test_nms_padded_compiles_with_xla():
+    rng = np.random.default_rng(9)
+    boxes = random_boxes(rng, 150, batch_shape=(2,), min_size=0.02)
+    scores = rng.uniform(size=(2, 150)).astype(np.float32)
+    compiled = tf.function(lambda b, s: B.nms_padded(b, s, 0.5, 40, 0.0, tile_size=32),
+                           jit_compile=True)
+    indices, num_valid = compiled(boxes, scores)
+    for b in range(2):
+        expected = B.nms_reference(boxes[b], scores[b], 0.5, 40, 0.0)
+        np.testing.assert_array_equal(indices[b, :num_valid[b]], expected)
+    with pytest.raises(ValueError, match="static number of boxes"):
+        tf.function(lambda b, s: B.nms_padded(b, s, 0.5, 4), input_signature=[
+            tf.TensorSpec([2, None, 4]), tf.TensorSpec([2, None])])(boxes, scores)

@@ -168,3 +168,90 @@ def test_roi_align_gradient_reaches_feature_map():
         loss = tf.reduce_sum(out)
     gradient = tape.gradient(loss, feature_map)
     assert gradient is not None and float(tf.reduce_sum(tf.abs(gradient))) > 0
+
+
+# ------------------------------------------------------------------ RoIAlign by gathers (XLA)
+def awkward_rois(rng, batch, count):
+    """Random RoIs plus the hard cases: padding (all zero), zero height, swapped corners,
+    RoIs entirely outside the map and RoIs reaching up to a whole image past the border."""
+    rois = random_rois(rng, batch, count)
+    rois[0, 0] = 0.0
+    rois[0, 1] = [0.4, 0.1, 0.4, 0.9]  # zero height
+    rois[0, 2] = [0.7, 0.8, 0.2, 0.3]  # swapped corners
+    rois[1, 0] = [-0.9, -0.9, -0.5, -0.4]  # above and left of the image
+    rois[1, 1] = [1.2, 0.5, 1.9, 1.4]  # below the image
+    rois[1, 2] = [-0.3, -0.2, 1.4, 1.3]  # larger than the image
+    return rois
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("pooling", ["average", "max"])
+def test_roi_align_gather_equals_crop_and_resize_and_reference(aligned, pooling):
+    rng = np.random.default_rng(5)
+    for height, width, pool, sampling in [(8, 8, (2, 2), 2), (9, 6, (3, 4), 3), (5, 7, (7, 7), 1)]:
+        feature_map = rng.normal(size=(2, height, width, 3)).astype(np.float32)
+        rois = awkward_rois(rng, 2, 7)
+        ours = roi_ops.roi_align_gather(feature_map, rois, pool, sampling, aligned, pooling)
+        crop = roi_ops.roi_align(feature_map, rois, pool, sampling, aligned, pooling)
+        reference = roi_ops.roi_align_reference(feature_map, rois, pool, sampling, aligned,
+                                                pooling)
+        np.testing.assert_allclose(ours, crop, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("aligned, pooling", [(True, "average"), (False, "max")])
+def test_roi_align_gather_gradient_equals_crop_and_resize_gradient(aligned, pooling):
+    """The gradient w.r.t. the feature map: scatter-adds of the gathers against TensorFlow's
+    CropAndResizeGradImage kernel, on random maps and awkward RoIs."""
+    rng = np.random.default_rng(6)
+    feature_map = tf.constant(rng.normal(size=(2, 7, 9, 3)), tf.float32)
+    rois = awkward_rois(rng, 2, 6)
+    upstream = tf.constant(rng.normal(size=(2, 6, 3, 3, 3)), tf.float32)  # a random loss
+
+    def gradient(align):
+        with tf.GradientTape() as tape:
+            tape.watch(feature_map)
+            loss = tf.reduce_sum(upstream * align(feature_map, rois, 3, 2, aligned, pooling))
+        return tape.gradient(loss, feature_map)
+
+    crop = gradient(roi_ops.roi_align)
+    assert float(tf.reduce_sum(tf.abs(crop))) > 0
+    np.testing.assert_allclose(gradient(roi_ops.roi_align_gather), crop, rtol=1e-5, atol=1e-5)
+
+
+def test_roi_align_gather_compiles_with_xla():
+    """crop_and_resize has no XLA kernel; the gather version compiles, forward and backward."""
+    rng = np.random.default_rng(7)
+    feature_map = tf.constant(rng.normal(size=(2, 8, 8, 4)), tf.float32)
+    rois = tf.constant(awkward_rois(rng, 2, 5))
+
+    def pooled_and_gradient(align):
+        def run(feature_map, rois):
+            with tf.GradientTape() as tape:
+                tape.watch(feature_map)
+                out = align(feature_map, rois, 2, 2, True, "average")
+                loss = tf.reduce_sum(out ** 2)
+            return out, tape.gradient(loss, feature_map)
+        return run
+
+    compiled = tf.function(pooled_and_gradient(roi_ops.roi_align_gather), jit_compile=True)
+    expected = pooled_and_gradient(roi_ops.roi_align)(feature_map, rois)
+    for ours, theirs in zip(compiled(feature_map, rois), expected):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="CropAndResize"):
+        tf.function(pooled_and_gradient(roi_ops.roi_align), jit_compile=True)(feature_map, rois)
+
+
+def test_roi_align_layer_implementation_switch_and_config():
+    layer = roi_ops.RoIAlign(pool_size=2, implementation="gather")
+    assert roi_ops.RoIAlign.from_config(layer.get_config()).implementation == "gather"
+    rng = np.random.default_rng(8)
+    feature_map, rois = rng.normal(size=(1, 6, 6, 2)).astype(np.float32), random_rois(rng, 1, 3)
+    gathered = layer(feature_map, rois)
+    layer.set_implementation("crop_and_resize")
+    np.testing.assert_allclose(gathered, layer(feature_map, rois), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="implementation"):
+        layer.set_implementation("loops")
+    with pytest.raises(ValueError, match="static height and width"):
+        tf.function(roi_ops.roi_align_gather, input_signature=[
+            tf.TensorSpec([1, None, None, 2]), tf.TensorSpec([1, None, 4])])(feature_map, rois)

@@ -270,3 +270,32 @@ def test_rpn_loss_paper_normalisation():
     sl1 = np.where(diff < 1, 0.5 * diff ** 2, diff - 0.5).sum(-1)
     np.testing.assert_allclose(float(box_loss), 10.0 * sl1[labels == 1].sum() / (10 * 2),
                                rtol=1e-5)
+
+
+def test_batched_nms_gives_the_per_image_proposals_also_under_xla():
+    """ProposalLayer(nms="batched") (boxes.nms_padded, static shapes) against the default
+    per-image tf.image.non_max_suppression path, training and test counts, with some boxes
+    dropped as too small; and compiled with XLA (which the per-image path cannot be)."""
+    anchors = shapes_anchors()
+    num = anchors.shape[0]
+    rng = np.random.default_rng(12)
+    logits = tf.constant(3.0 * rng.normal(size=(3, num)), tf.float32)
+    deltas = tf.constant(0.3 * rng.normal(size=(3, num, 4)), tf.float32)
+    options = dict(pre_nms_top_n_train=600, post_nms_top_n_train=80, pre_nms_top_n_test=200,
+                   post_nms_top_n_test=30, min_size=0.08)
+    per_image = rpn.ProposalLayer(**options)
+    batched = rpn.ProposalLayer(nms="batched", **options)
+    assert rpn.ProposalLayer.from_config(batched.get_config()).nms == "batched"
+    for training in (True, False):
+        expected = per_image(logits, deltas, anchors, training=training)
+        assert int(tf.reduce_min(expected[2])) > 0
+        for ours, theirs in zip(batched(logits, deltas, anchors, training=training), expected):
+            np.testing.assert_array_equal(ours, theirs)
+    compiled = tf.function(lambda l, d: batched(l, d, anchors, training=True), jit_compile=True)
+    expected = per_image(logits, deltas, anchors, training=True)
+    proposals, scores, count = compiled(logits, deltas)
+    np.testing.assert_array_equal(count, expected[2])
+    np.testing.assert_allclose(proposals, expected[0], atol=1e-6)
+    np.testing.assert_allclose(scores, expected[1], atol=1e-6)
+    with pytest.raises(ValueError, match="nms"):
+        rpn.ProposalLayer(nms="soft")

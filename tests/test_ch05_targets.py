@@ -280,3 +280,49 @@ def test_sampler_in_a_graph_and_bad_arguments():
         targets.sample_balanced(labels, 4, 1.5)
     with pytest.raises(ValueError, match="seed"):
         targets.sample_balanced(labels, 4, 0.5, seed=tf.constant([1, 2]))
+
+
+# ------------------------------------------------------------------ the same numbers under XLA
+def test_stateless_randomness_equals_tensorflow_and_survives_xla():
+    """targets.stateless_uniform / stateless_fold_in are TensorFlow's own functions bit for bit
+    (also for seeds beyond 32 bits, which XLA's kernels would read differently), and give the
+    same bits compiled with XLA, so a compiled step samples the same anchors."""
+    rng = np.random.default_rng(10)
+    uniform_xla = tf.function(targets.stateless_uniform, jit_compile=True)
+    fold_in_xla = tf.function(targets.stateless_fold_in, jit_compile=True)
+    for _ in range(6):
+        seed = tf.constant(rng.integers(-2 ** 63, 2 ** 63 - 1, size=2, dtype=np.int64))
+        data = tf.constant(int(rng.integers(-2 ** 40, 2 ** 40)), tf.int64)
+        expected = tf.random.stateless_uniform([3, 37], seed=seed).numpy()
+        np.testing.assert_array_equal(targets.stateless_uniform([3, 37], seed), expected)
+        np.testing.assert_array_equal(uniform_xla([3, 37], seed), expected)
+        folded = tf.random.experimental.stateless_fold_in(seed, data).numpy()
+        np.testing.assert_array_equal(targets.stateless_fold_in(seed, data), folded)
+        np.testing.assert_array_equal(fold_in_xla(seed, data), folded)
+    # TensorFlow's own op under XLA draws other numbers for such a seed: why we need ours.
+    seed = tf.constant([1, 2 ** 40], tf.int64)
+    plain_xla = tf.function(lambda s: tf.random.stateless_uniform([8], seed=s), jit_compile=True)
+    assert not np.array_equal(plain_xla(seed), tf.random.stateless_uniform([8], seed=seed))
+
+
+def test_keep_largest_equals_a_stable_sort_with_ties_and_under_xla():
+    """top_k + scatter against the rank-by-argsort rule (lower index first among equal numbers)."""
+    rng = np.random.default_rng(11)
+
+    def by_sorting(mask, random, count):
+        order = np.argsort(-np.where(mask, random, -1.0), axis=1, kind="stable")
+        rank = np.argsort(order, axis=1, kind="stable")
+        return mask & (rank < count[:, None])
+
+    for trial in range(12):
+        size, max_count = int(rng.integers(1, 300)), int(rng.integers(1, 200))
+        mask = rng.uniform(size=(3, size)) < rng.uniform()
+        random = np.round(rng.uniform(size=(3, size)), 2).astype(np.float32)  # many ties
+        count = np.minimum(mask.sum(1), rng.integers(0, max_count + 1, size=3)).astype(np.int32)
+        expected = by_sorting(mask, random, count)
+        np.testing.assert_array_equal(targets.keep_largest(mask, random, count, max_count),
+                                      expected)
+        if trial < 3:  # each compilation costs a second or so
+            compiled = tf.function(lambda m, r, c: targets.keep_largest(m, r, c, max_count),
+                                   jit_compile=True)
+            np.testing.assert_array_equal(compiled(mask, random, count), expected)

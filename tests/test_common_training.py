@@ -222,6 +222,30 @@ def test_time_budget_stops_early_and_shortens_the_decay(tmp_path):
     assert record["train_seconds"] >= 1.5 * 0.5
 
 
+class _SlowFirstValidation(keras.callbacks.Callback):
+    """The first validation step of a process is slow (as tracing it is), later ones are not."""
+
+    def on_test_batch_begin(self, batch, logs=None):
+        if not getattr(self, "_done", False):
+            self._done = True
+            time.sleep(1.0)
+
+
+def test_time_budget_does_not_count_the_tracing_of_the_validation_step(tmp_path):
+    run = training.start_run(ToyConfig, ["--out", str(tmp_path), "--epochs", "8"])
+    model = _small_model()
+    steps = 4
+    model.compile(optimizer=run.optimizer(steps), loss="mse")
+    data = tf.data.Dataset.from_tensor_slices((np.zeros((16, 4), "float32"), np.zeros((16, 2), "float32")))
+    model.fit(data.batch(4), epochs=1, verbose=0)  # trace the training step first
+    model.optimizer.iterations.assign(0)
+    # Epoch 1 costs ~1 s (the slow first validation step), the others a few ms: all 8 epochs fit in
+    # 3 s. Taking epoch 1 as the cost of every epoch would end the run after epoch 2 or 3.
+    run.fit(model, lambda first: training.epoch_batches(data, 4, first, 8), steps,
+            validation_data=data.batch(4), callbacks=[_SlowFirstValidation()], budget_seconds=3.0)
+    assert run.state["stages"]["main"]["epochs_done"] == 8
+
+
 class _Interrupt(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch == 1:
@@ -246,3 +270,19 @@ def test_fewer_examples_than_one_batch_is_refused(tmp_path):
     model = _small_model()
     with pytest.raises(training.RunError, match="--batch-size"):
         run.fit(model, tf.data.Dataset.range(1), 0)
+
+
+def test_jit_compile_auto_follows_the_measured_verdict(tmp_path, monkeypatch):
+    """--jit-compile auto: the benchmark's verdict for a measured model, Keras' "auto" otherwise;
+    on / off are obeyed whatever was measured."""
+    monkeypatch.setitem(training.JIT_MEASURED_FASTER, "fast_model", True)
+    assert training.JIT_MEASURED_FASTER["faster_rcnn"] is False  # measured slower on the CPU
+    for flag, expected in [("auto", (False, True, "auto")), ("on", (True, True, True)),
+                           ("off", (False, False, False))]:
+        run = training.start_run(ToyConfig, ["--out", str(tmp_path / flag), "--jit-compile", flag,
+                                             "--no-deterministic"])
+        got = tuple(run.jit_compile_for(name) for name in ("faster_rcnn", "fast_model", "unmeasured"))
+        assert got == expected, flag
+    # Keras keeps XLA off under op determinism (on by default): "on" with it is refused, not ignored.
+    with pytest.raises(training.RunError, match="--jit-compile on needs --no-deterministic"):
+        training.start_run(ToyConfig, ["--out", str(tmp_path / "det"), "--jit-compile", "on"])
