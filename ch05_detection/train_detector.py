@@ -157,7 +157,8 @@ def main(argv=None):
         model.compile(optimizer=run.optimizer(steps, optimizer["optimizer"],
                                               weight_decay=optimizer["weight_decay"],
                                               clipnorm=optimizer["clipnorm"], alpha=0.02),
-                      jit_compile=False)
+                      jit_compile=run.no_jit_compile(
+                          f"the {config.model} step's target assignment and NMS do not compile with XLA"))
     print(f"model: {model.count_params():,} parameters; optimizer {optimizer['optimizer']} "
           f"(weight decay {optimizer['weight_decay']}, gradient norm clipped at "
           f"{optimizer['clipnorm']})")

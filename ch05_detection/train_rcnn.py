@@ -495,7 +495,8 @@ def main(argv=None):
     with run.strategy.scope():
         model = build_model(config, num_classes, class_names)
         model.compile(optimizer=run.optimizer(steps, "adam", clipnorm=10.0, alpha=0.02),
-                      jit_compile=False)  # selective search and sampling run outside XLA
+                      jit_compile=run.no_jit_compile(
+                          "Fast R-CNN's RoI sampling over precomputed proposals does not compile with XLA"))
     print(f"model: {model.count_params():,} parameters")
     callbacks = []
     if config.eval_every and config.variant == "fast_rcnn":

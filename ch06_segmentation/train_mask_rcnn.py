@@ -135,7 +135,8 @@ def train(run, model, train_examples, num_train, val_examples, num_classes):
     with run.strategy.scope():
         # Gradient clipping keeps the first steps (random proposals) from exploding.
         model.compile(optimizer=run.optimizer(steps_per_epoch, "adam", clipnorm=10.0, alpha=0.02),
-                      jit_compile=False)  # NMS and the per-image sampling do not compile on the CPU
+                      jit_compile=run.no_jit_compile(
+                          "Mask R-CNN's mask targets use tf.image.crop_and_resize, which has no XLA kernel"))
     # Trace detect() now, for any batch size (two sizes give the batch-free graph): the mAP
     # callback and the final evaluation reuse this graph instead of tracing mid-run.
     for count in (1, 2):

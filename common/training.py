@@ -574,6 +574,13 @@ class Run:
         """``compile(jit_compile=...)``: "auto" for ``auto`` (Keras decides per model), else a bool."""
         return {"auto": "auto", "on": True, "off": False}[self.config.jit_compile]
 
+    def no_jit_compile(self, reason: str):
+        """``compile(jit_compile=False)`` for a step that cannot compile: ``--jit-compile on`` is
+        refused with ``reason`` (instead of being ignored), ``auto`` and ``off`` give False."""
+        if self.config.jit_compile == "on":
+            fail(f"--jit-compile on: {reason}; use --jit-compile auto or off")
+        return False
+
     def jit_compile_for(self, model_name: str):
         """``compile(jit_compile=...)`` for a model with a measured XLA verdict.
 

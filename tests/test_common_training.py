@@ -283,6 +283,12 @@ def test_jit_compile_auto_follows_the_measured_verdict(tmp_path, monkeypatch):
                                              "--no-deterministic"])
         got = tuple(run.jit_compile_for(name) for name in ("faster_rcnn", "fast_model", "unmeasured"))
         assert got == expected, flag
+    # A step that cannot compile refuses "on" with its reason (auto and off give False).
+    assert run.no_jit_compile("no kernel") is False  # run of the last flag, "off"
+    run_on = training.start_run(ToyConfig, ["--out", str(tmp_path / "on2"), "--jit-compile", "on",
+                                            "--no-deterministic"])
+    with pytest.raises(training.RunError, match="--jit-compile on: no kernel; use --jit-compile auto or off"):
+        run_on.no_jit_compile("no kernel")
     # Keras keeps XLA off under op determinism (on by default): "on" with it is refused, not ignored.
     with pytest.raises(training.RunError, match="--jit-compile on needs --no-deterministic"):
         training.start_run(ToyConfig, ["--out", str(tmp_path / "det"), "--jit-compile", "on"])
