@@ -111,13 +111,20 @@ def _inference(model, upto):
     return infer
 
 
-def measure(steps=10):
-    config = train_faster_rcnn.Config()
-    keras.utils.set_random_seed(0)
+def fixed_batch(config):
+    """One padded training batch of the default data (a dict: image, boxes, classes ...), the same in
+    every call."""
     dataset = common_data.load("shapes", "train", image_size=config.image_size,
                                num_examples=config.batch_size)
     batch = next(iter(common_data.batch_detection(dataset, config.batch_size, config.max_boxes,
                                                   drop_remainder=True)))
+    return batch
+
+
+def measure(steps=10):
+    config = train_faster_rcnn.Config()
+    keras.utils.set_random_seed(0)
+    batch = fixed_batch(config)
     images, boxes, classes = batch["image"], batch["boxes"], batch["classes"]
     model = train_faster_rcnn.build_model(config, 5, synthetic.CLASS_NAMES)
     result = {"batch_size": config.batch_size, "steps": steps, "params": model.count_params()}

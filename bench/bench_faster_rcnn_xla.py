@@ -39,11 +39,10 @@ import keras
 import tensorflow as tf
 
 from ch05_detection import train_faster_rcnn
-from common import data as common_data
 from common import synthetic
 
 import results_md  # bench/results_md.py (bench/ is on the path when run as a script)
-from bench_faster_rcnn_breakdown import _train_step
+from bench_faster_rcnn_breakdown import _train_step, fixed_batch
 
 SECTION = "## Faster R-CNN with XLA"
 ROWS = (("a", "backbone alone"), ("b", "+ RPN head, anchor targets and sampling"),
@@ -80,10 +79,7 @@ def _inference(model, jit_compile):
 def measure(steps=5, rounds=3):
     config = train_faster_rcnn.Config()
     keras.utils.set_random_seed(0)
-    dataset = common_data.load("shapes", "train", image_size=config.image_size,
-                               num_examples=config.batch_size)
-    batch = next(iter(common_data.batch_detection(dataset, config.batch_size, config.max_boxes,
-                                                  drop_remainder=True)))
+    batch = fixed_batch(config)
     images, boxes, classes = batch["image"], batch["boxes"], batch["classes"]
     reference = _model(config)
     weights = reference.get_weights()

@@ -357,6 +357,16 @@ def roi_align_reference(feature_map, rois, pool_size=(7, 7), sampling_ratio=2,
     return output
 
 
+def _check_align_arguments(pool_size, sampling_ratio, pooling):
+    """RoIAlign's arguments checked: ``(pool_height, pool_width, sampling_ratio as an int)``."""
+    pool_height, pool_width = _pair(pool_size, "pool_size")
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"`pooling` must be one of {POOLING_MODES}, got {pooling!r}")
+    if int(sampling_ratio) < 1:
+        raise ValueError(f"`sampling_ratio` must be a positive int, got {sampling_ratio}")
+    return pool_height, pool_width, int(sampling_ratio)
+
+
 def roi_align(feature_map, rois, pool_size=(7, 7), sampling_ratio=2, aligned=True,
               pooling="average"):
     """RoIAlign through ``tf.image.crop_and_resize`` (bilinear sampling, vectorised).
@@ -384,12 +394,7 @@ def roi_align(feature_map, rois, pool_size=(7, 7), sampling_ratio=2, aligned=Tru
     Returns:
         ``[batch, R, pool_height, pool_width, C]``.
     """
-    pool_height, pool_width = _pair(pool_size, "pool_size")
-    if pooling not in POOLING_MODES:
-        raise ValueError(f"`pooling` must be one of {POOLING_MODES}, got {pooling!r}")
-    if int(sampling_ratio) < 1:
-        raise ValueError(f"`sampling_ratio` must be a positive int, got {sampling_ratio}")
-    sampling_ratio = int(sampling_ratio)
+    pool_height, pool_width, sampling_ratio = _check_align_arguments(pool_size, sampling_ratio, pooling)
     feature_map, rois = _check_inputs(feature_map, rois)
     feature_dtype = feature_map.dtype
     feature_map = tf.cast(feature_map, tf.float32)
@@ -499,12 +504,7 @@ def roi_align_gather(feature_map, rois, pool_size=(7, 7), sampling_ratio=2, alig
     Args and returns: as ``roi_align``. The feature map's height and width must be
     known when tracing (the detector's are).
     """
-    pool_height, pool_width = _pair(pool_size, "pool_size")
-    if pooling not in POOLING_MODES:
-        raise ValueError(f"`pooling` must be one of {POOLING_MODES}, got {pooling!r}")
-    if int(sampling_ratio) < 1:
-        raise ValueError(f"`sampling_ratio` must be a positive int, got {sampling_ratio}")
-    s = int(sampling_ratio)
+    pool_height, pool_width, s = _check_align_arguments(pool_size, sampling_ratio, pooling)
     feature_map, rois = _check_inputs(feature_map, rois)
     height, width = feature_map.shape[1], feature_map.shape[2]
     if height is None or width is None:
