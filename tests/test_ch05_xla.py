@@ -12,21 +12,16 @@ gradient), the same gradients as the uncompiled step with TensorFlow's kernels.
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from tensorflow.python.framework.config import is_op_determinism_enabled
 
 from ch05_detection import roi_ops, rpn, train_faster_rcnn
 from common import data as common_data
 from common import synthetic
 
 
-@pytest.fixture(scope="module")
-def setup():
-    # Keras refuses jit_compile=True while op determinism is on (another test may have
-    # turned it on in this process): off for this module, restored after.
-    determinism = is_op_determinism_enabled()  # Keras reads the same flag
-    if determinism:
-        tf.config.experimental.disable_op_determinism()
+@pytest.fixture
+def setup(without_op_determinism):
+    # Keras refuses jit_compile=True while op determinism is on (another test may have turned it
+    # on in this process): the conftest fixture turns it off for this test and back on after.
     config = train_faster_rcnn.Config(**train_faster_rcnn.Config.FAST)
     keras.utils.set_random_seed(0)
     dataset = common_data.load("shapes", "train", image_size=config.image_size,
@@ -40,9 +35,7 @@ def setup():
     # proposals (a discrete choice, not a float error). Spread the scores as training does.
     kernel = model.rpn_head.objectness.kernel
     kernel.assign(50.0 * kernel)
-    yield model, batch, model.get_weights()
-    if determinism:
-        tf.config.experimental.enable_op_determinism()
+    return model, batch, model.get_weights()
 
 
 def one_sgd_step(model, batch, weights, jit_compile):

@@ -184,13 +184,14 @@ def test_metric_configs_round_trip():
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_metrics_logged_by_fit_equal_keras_on_the_same_predictions(jit_compile):
+def test_metrics_logged_by_fit_equal_keras_on_the_same_predictions(jit_compile, without_op_determinism):
     # Learning rate 0: the weights do not move, so the epoch's metrics are those of one model.
     rng = np.random.default_rng(15)
     inputs = keras.Input((8, 8, 2))
     model = keras.Model(inputs, keras.layers.Conv2D(3, 1)(inputs))
     model.compile(keras.optimizers.SGD(0.0), losses.CrossEntropyPlusDice(),
                   metrics=[losses.MeanIoU(3), losses.PixelAccuracy(3)], jit_compile=jit_compile)
+    assert model.jit_compile is jit_compile  # not silently refused
     images = rng.normal(size=(12, 8, 8, 2)).astype(np.float32)
     masks = rng.integers(0, 3, size=(12, 8, 8)).astype(np.int32)
     masks[:, 0] = 255
