@@ -14,6 +14,7 @@ from scipy import ndimage
 from ch05_detection import centernet
 from ch05_detection.centernet import CenterNet, CenterNetConfig
 from common import synthetic
+from detection_checks import check_detect_contract  # tests/detection_checks.py
 
 SIZE = 64
 NUM_CLASSES = 5
@@ -308,16 +309,7 @@ def test_fit_reduces_the_loss(trained):
 def test_detect_contract(trained):
     model, batch, _ = trained
     out = model.detect(batch["image"][:3])
-    assert out["boxes"].shape == (3, 10, 4) and out["classes"].shape == (3, 10)
-    assert out["scores"].shape == (3, 10) and out["num_detections"].shape == (3,)
-    np.testing.assert_array_equal(out["confidence"], out["scores"])
-    for i in range(3):
-        n = out["num_detections"][i]
-        assert (out["classes"][i, n:] == -1).all() and (out["scores"][i, n:] == 0).all()
-        assert (out["boxes"][i, n:] == 0).all()
-        assert ((out["classes"][i, :n] >= 0) & (out["classes"][i, :n] < NUM_CLASSES)).all()
-        assert (out["scores"][i, :n] >= 0.05).all()
-        assert (np.diff(out["scores"][i, :n]) <= 0).all()  # best first
+    check_detect_contract(out, 3, 10, NUM_CLASSES, min_score=0.05)
     predicted = model.predict(batch["image"][:2], verbose=0)
     np.testing.assert_allclose(predicted["scores"], out["scores"][:2], atol=1e-5)
 

@@ -15,6 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from ch05_detection import detr
 from ch05_detection.detr import DETR, DETRConfig
 from common import synthetic
+from detection_checks import check_detect_contract  # tests/detection_checks.py
 
 SIZE = 64
 NUM_CLASSES = 5
@@ -434,17 +435,8 @@ def test_fit_reduces_the_loss(trained):
 def test_detect_contract(trained):
     model, batch, _ = trained
     out = model.detect(batch["image"][:3])
-    assert out["boxes"].shape == (3, 10, 4) and out["classes"].shape == (3, 10)
-    assert out["scores"].shape == (3, 10) and out["num_detections"].shape == (3,)
-    np.testing.assert_array_equal(out["confidence"], out["scores"])
-    for i in range(3):
-        n = out["num_detections"][i]
-        assert n <= 8  # at most one detection per query, no more
-        assert (out["classes"][i, n:] == -1).all() and (out["scores"][i, n:] == 0).all()
-        assert (out["boxes"][i, n:] == 0).all()
-        assert ((out["classes"][i, :n] >= 0) & (out["classes"][i, :n] < NUM_CLASSES)).all()
-        assert (out["scores"][i, :n] >= 0.05).all()
-        assert (np.diff(out["scores"][i, :n]) <= 0).all()  # best first
+    check_detect_contract(out, 3, 10, NUM_CLASSES, min_score=0.05)
+    assert (out["num_detections"] <= 8).all()  # at most one detection per query, no more
     predicted = model.predict(batch["image"][:2], verbose=0)
     np.testing.assert_allclose(predicted["scores"], out["scores"][:2], atol=1e-5)
 

@@ -11,6 +11,7 @@ import tensorflow as tf
 from ch05_detection import rpn
 from ch05_detection.faster_rcnn import FasterRCNN, FasterRCNNConfig, load_backbone_weights
 from common import synthetic
+from detection_checks import check_detect_contract  # tests/detection_checks.py
 
 SIZE = 64
 
@@ -55,14 +56,7 @@ def trained(batch):
 def test_output_shapes_and_padding(batch, trained):
     model, _ = trained
     out = model.detect(batch["image"][:3])
-    assert out["boxes"].shape == (3, 10, 4)
-    assert out["classes"].shape == (3, 10) and out["scores"].shape == (3, 10)
-    assert out["num_detections"].shape == (3,)
-    np.testing.assert_array_equal(out["confidence"], out["scores"])  # keras-hub's name
-    for i in range(3):
-        n = out["num_detections"][i]
-        assert (out["classes"][i, n:] == -1).all() and (out["scores"][i, n:] == 0).all()
-        assert ((out["classes"][i, :n] >= 0) & (out["classes"][i, :n] < 5)).all()
+    check_detect_contract(out, 3, 10, 5)
     # predict() (Keras) gives the same dict; one [H, W, 3] image gets a batch axis.
     predicted = model.predict(batch["image"][:2], verbose=0)
     np.testing.assert_allclose(predicted["scores"], out["scores"][:2], atol=1e-5)

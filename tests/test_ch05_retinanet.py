@@ -15,6 +15,7 @@ from ch05_detection import retinanet
 from ch05_detection.focal_loss import sigmoid_focal_loss
 from ch05_detection.retinanet import RetinaNet, RetinaNetConfig
 from common import synthetic
+from detection_checks import check_detect_contract  # tests/detection_checks.py
 
 SIZE = 64
 NUM_CLASSES = 5
@@ -258,17 +259,8 @@ def test_detect_contract_and_fit_reduces_loss(batch, trained):
     assert np.isfinite(history).all()
     assert np.mean(history[-5:]) < 0.5 * np.mean(history[:3])
     out = model.detect(batch["image"][:3])
-    assert out["boxes"].shape == (3, 10, 4)
-    assert out["classes"].shape == (3, 10) and out["scores"].shape == (3, 10)
-    assert out["num_detections"].shape == (3,)
-    np.testing.assert_array_equal(out["confidence"], out["scores"])
+    check_detect_contract(out, 3, 10, NUM_CLASSES, min_score=0.05)
     assert out["num_detections"].sum() > 0
-    for i in range(3):
-        n = out["num_detections"][i]
-        assert (out["classes"][i, n:] == -1).all() and (out["scores"][i, n:] == 0).all()
-        assert (out["boxes"][i, n:] == 0).all()
-        assert ((out["classes"][i, :n] >= 0) & (out["classes"][i, :n] < NUM_CLASSES)).all()
-        assert (out["scores"][i, :n] >= 0.05).all()
     predicted = model.predict(batch["image"][:2], verbose=0)
     np.testing.assert_allclose(predicted["scores"], out["scores"][:2], atol=1e-5)
     assert model.detect(batch["image"][0])["boxes"].shape == (1, 10, 4)

@@ -13,6 +13,7 @@ from ch05_detection import anchors as anchor_ops
 from ch05_detection import boxes as box_ops
 from ch05_detection import ssd
 from common import synthetic
+from detection_checks import check_detect_contract  # tests/detection_checks.py
 
 SIZE = 64
 
@@ -273,15 +274,7 @@ def test_output_shapes_and_default_boxes(batch):
 def test_detect_contract(batch, trained):
     model, _ = trained
     out = model.detect(batch["image"][:3])
-    assert out["boxes"].shape == (3, 10, 4) and out["classes"].shape == (3, 10)
-    assert out["confidence"].shape == (3, 10) and out["num_detections"].shape == (3,)
-    for i in range(3):
-        n = int(out["num_detections"][i])
-        assert (out["classes"][i, n:] == -1).all() and (out["scores"][i, n:] == 0).all()
-        assert (out["boxes"][i, n:] == 0).all()
-        assert ((out["classes"][i, :n] >= 0) & (out["classes"][i, :n] < 5)).all()
-        assert (out["boxes"][i, :n] >= 0).all() and (out["boxes"][i, :n] <= 1).all()
-        assert (np.diff(out["scores"][i, :n]) <= 1e-6).all()
+    check_detect_contract(out, 3, 10, 5, boxes_in_image=True)
 
 
 def test_train_steps_reduce_loss_on_a_fixed_batch(batch, trained):

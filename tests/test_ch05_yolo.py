@@ -16,6 +16,7 @@ import tensorflow as tf
 from ch05_detection import yolo
 from ch05_detection.yolo import YOLO, YOLOConfig
 from common import synthetic
+from detection_checks import check_detect_contract  # tests/detection_checks.py
 
 SIZE = 64  # 64 px at stride 16: a 4 x 4 grid of 16 px cells
 TINY = dict(image_size=(SIZE, SIZE), backbone="resnet_small", output_stride=16,
@@ -327,15 +328,7 @@ def test_fit_reduces_the_loss(trained):
 
 
 def check_contract(out, count):
-    assert out["boxes"].shape == (count, 10, 4) and out["classes"].shape == (count, 10)
-    np.testing.assert_array_equal(out["confidence"], out["scores"])
-    for i in range(count):
-        n = out["num_detections"][i]
-        assert (out["classes"][i, n:] == -1).all() and (out["scores"][i, n:] == 0).all()
-        assert (out["boxes"][i, n:] == 0).all()
-        assert ((out["classes"][i, :n] >= 0) & (out["classes"][i, :n] < 2)).all()
-        assert (out["scores"][i, :n] >= 0.2).all()  # the score threshold
-        assert ((out["boxes"][i, :n] >= 0) & (out["boxes"][i, :n] <= 1)).all()
+    check_detect_contract(out, count, 10, 2, min_score=0.2, boxes_in_image=True)  # 0.2: the threshold
 
 
 def test_detect_contract(trained, batch):
